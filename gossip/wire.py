@@ -1,0 +1,570 @@
+"""Wire format of the gossip protocol: msgpack messages, UDP packets and stream frames.
+
+Every message is a msgpack array whose first element is its type::
+
+    PING           [1, seq, target, source]
+    INDIRECT_PING  [2, seq, target, host, port, nack]
+    ACK            [3, seq, coord]      coord: nil or [[x, ...], error, adjustment, height]
+    NACK           [4, seq]
+    SUSPECT        [5, incarnation, node, source]
+    ALIVE          [6, incarnation, node, host, port, meta]
+    DEAD           [7, incarnation, node, source]   source == node: the node left
+    USER           [8, payload]
+    PUSH_PULL      [10, join, [[name, host, port, meta, incarnation, state], ...], app_state]
+    STREAM_PING    [11, seq, target, source]
+
+Strings are msgpack str (UTF-8), byte fields are msgpack bin, flags are msgpack
+bool. A UDP packet (before sealing, see ``gossip.crypto``) compounds up to
+``MAX_MESSAGES`` messages::
+
+    [VERSION, msg1, msg2, ...]
+
+Only types 1..8 may appear in a packet. A stream (TCP) frame carries exactly one
+PUSH_PULL, STREAM_PING or ACK (the reply to STREAM_PING)::
+
+    [VERSION, msg]
+
+Field limits (decoding rejects anything else with ``DecodeError(reason="field")``):
+
+- names (target, source, node, member name): str of 1..``MAX_NAME`` UTF-8 bytes
+- host: str holding an IPv4 or IPv6 address literal
+- port: int 1..65535; seq: int 0..2**32-1; incarnation: int 0..2**64-1
+- meta: bytes of at most ``META_MAX``; user payload: bytes of at most ``MAX_PACKET``
+- member state: 0 alive, 1 suspect, 2 dead, 3 left
+- coord: 1..``MAX_COORD_DIMS`` finite numbers, finite error/adjustment/height,
+  error and height >= 0
+- bool fields must be msgpack bools and int fields must not be bools
+
+Decoding is strict and all-or-nothing: every message of a packet is validated
+before any is returned, so a caller never applies half a packet. Unpacking limits
+are tight because the input is hostile: a msgpack array header costs three bytes
+but makes the unpacker allocate room for all its claimed elements.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import struct
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+import msgpack
+
+VERSION = 1
+
+MAX_PACKET = 65507  # largest UDP payload over IPv4
+MAX_MESSAGES = 255  # messages per packet; bounds what one array header can allocate
+MAX_NAME = 128  # UTF-8 bytes
+META_MAX = 512
+MAX_COORD_DIMS = 16
+MAX_SEQ = 2**32 - 1
+MAX_INCARNATION = 2**64 - 1
+MAX_STREAM = 16 * 1024 * 1024
+MAX_MEMBERS = 100_000
+MAX_APP_STATE = 8 * 1024 * 1024
+
+
+class MsgType(IntEnum):
+    PING = 1
+    INDIRECT_PING = 2
+    ACK = 3
+    NACK = 4
+    SUSPECT = 5
+    ALIVE = 6
+    DEAD = 7
+    USER = 8
+    PUSH_PULL = 10
+    STREAM_PING = 11
+
+
+class MemberStatus(IntEnum):
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+    LEFT = 3
+
+
+class DecodeError(ValueError):
+    """Input that is not a valid packet or frame; ``reason`` is a metrics label."""
+
+    REASONS = frozenset({"oversized", "truncated", "malformed", "version", "type", "field"})
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+Coord = tuple[tuple[float, ...], float, float, float]
+
+
+# Messages are NamedTuples: cheap to build, and msgpack packs them as arrays
+# directly. Equality is made type-aware below so Ping(...) != StreamPing(...).
+
+
+class Ping(NamedTuple):
+    seq: int
+    target: str
+    source: str
+
+
+class IndirectPing(NamedTuple):
+    seq: int
+    target: str
+    host: str
+    port: int
+    nack: bool
+
+
+class Ack(NamedTuple):
+    seq: int
+    coord: Coord | None
+
+
+class Nack(NamedTuple):
+    seq: int
+
+
+class Suspect(NamedTuple):
+    incarnation: int
+    node: str
+    source: str
+
+
+class Alive(NamedTuple):
+    incarnation: int
+    node: str
+    host: str
+    port: int
+    meta: bytes
+
+
+class Dead(NamedTuple):
+    incarnation: int
+    node: str
+    source: str
+
+
+class User(NamedTuple):
+    payload: bytes
+
+
+class MemberState(NamedTuple):
+    name: str
+    host: str
+    port: int
+    meta: bytes
+    incarnation: int
+    state: int
+
+
+class PushPull(NamedTuple):
+    join: bool
+    members: Sequence[MemberState]
+    app_state: bytes
+
+
+class StreamPing(NamedTuple):
+    seq: int
+    target: str
+    source: str
+
+
+Message = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | User | PushPull | StreamPing
+
+_TYPE_OF: dict[type, int] = {
+    Ping: MsgType.PING.value,
+    IndirectPing: MsgType.INDIRECT_PING.value,
+    Ack: MsgType.ACK.value,
+    Nack: MsgType.NACK.value,
+    Suspect: MsgType.SUSPECT.value,
+    Alive: MsgType.ALIVE.value,
+    Dead: MsgType.DEAD.value,
+    User: MsgType.USER.value,
+    PushPull: MsgType.PUSH_PULL.value,
+    StreamPing: MsgType.STREAM_PING.value,
+}
+
+
+def _typed_eq(self: tuple, other: object) -> bool:
+    return type(self) is type(other) and tuple.__eq__(self, other)  # type: ignore[arg-type]
+
+
+def _typed_ne(self: tuple, other: object) -> bool:
+    return not _typed_eq(self, other)
+
+
+def _typed_hash(self: tuple) -> int:
+    return hash((type(self).__name__, tuple.__hash__(self)))
+
+
+for _cls in (*_TYPE_OF, MemberState):
+    _cls.__eq__ = _typed_eq  # type: ignore[assignment,method-assign]
+    _cls.__ne__ = _typed_ne  # type: ignore[assignment,method-assign]
+    _cls.__hash__ = _typed_hash  # type: ignore[assignment,method-assign]
+
+
+# ---------------------------------------------------------------- encoding
+
+# One shared packer: packing runs entirely in C under the GIL, so sharing is safe
+# and saves building a Packer per message.
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def encode_message(msg: Message) -> bytes:
+    """Pack one message; the result can be compounded with ``encode_packet``.
+
+    Fields are trusted here (they come from our own state); peers validate on decode.
+    """
+    return _pack((_TYPE_OF[type(msg)], *msg))
+
+
+def _array_header(n: int) -> bytes:
+    return bytes((0x90 | n,)) if n < 16 else b"\xdc" + struct.pack(">H", n)
+
+
+_VERSION_BYTES = msgpack.packb(VERSION)
+# Index n: array header for VERSION plus n messages, followed by the packed version.
+_PACKET_HEADS = [_array_header(n + 1) + _VERSION_BYTES for n in range(MAX_MESSAGES + 1)]
+PACKET_OVERHEAD = 3 + len(_VERSION_BYTES)  # worst case header, for budgeting
+
+
+def packet_overhead(n_msgs: int) -> int:
+    """Bytes a packet of ``n_msgs`` messages adds on top of the packed messages."""
+    return len(_PACKET_HEADS[n_msgs])
+
+
+def encode_packet(packed_msgs: Sequence[bytes]) -> bytes:
+    """Compound pre-packed messages into one packet without re-encoding them."""
+    n = len(packed_msgs)
+    if not 1 <= n <= MAX_MESSAGES:
+        raise ValueError(f"a packet carries 1..{MAX_MESSAGES} messages, got {n}")
+    return _PACKET_HEADS[n] + b"".join(packed_msgs)
+
+
+def encode_stream(msg: PushPull | StreamPing | Ack) -> bytes:
+    """Pack one stream frame."""
+    if type(msg) is PushPull:
+        return _pack((VERSION, (MsgType.PUSH_PULL.value, msg.join, msg.members, msg.app_state)))
+    if type(msg) is StreamPing or type(msg) is Ack:
+        return _pack((VERSION, (_TYPE_OF[type(msg)], *msg)))
+    raise TypeError(f"{type(msg).__name__} cannot be sent on a stream")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _field(detail: str) -> DecodeError:
+    return DecodeError("field", detail)
+
+
+def _is_name(v: Any) -> bool:
+    # Up to 32 characters is at most 128 UTF-8 bytes, so most names skip encoding.
+    return type(v) is str and v != "" and (len(v) <= MAX_NAME // 4 or len(v.encode()) <= MAX_NAME)
+
+
+_host_cache: dict[str, None] = {}
+_HOST_CACHE_MAX = 4096
+
+
+def _is_host(v: Any) -> bool:
+    if type(v) is not str:
+        return False
+    if v in _host_cache:
+        return True
+    if len(v) > 64:  # longest IPv6 literal plus a zone id
+        return False
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return False
+    if len(_host_cache) >= _HOST_CACHE_MAX:
+        _host_cache.clear()
+    _host_cache[v] = None
+    return True
+
+
+def _is_port(v: Any) -> bool:
+    return type(v) is int and 1 <= v <= 65535
+
+
+def _is_seq(v: Any) -> bool:
+    return type(v) is int and 0 <= v <= MAX_SEQ
+
+
+def _is_inc(v: Any) -> bool:
+    return type(v) is int and 0 <= v <= MAX_INCARNATION
+
+
+def _is_meta(v: Any) -> bool:
+    return type(v) is bytes and len(v) <= META_MAX
+
+
+def _number(v: Any) -> float:
+    t = type(v)
+    if t is float:
+        f = v
+    elif t is int:
+        f = float(v)
+    else:
+        raise _field("coord: number expected")
+    if not math.isfinite(f):
+        raise _field("coord: not finite")
+    return f
+
+
+def _coord(v: Any) -> Coord | None:
+    if v is None:
+        return None
+    if type(v) is not list or len(v) != 4:
+        raise _field("coord: 4-element array expected")
+    vec, error, adjustment, height = v
+    if type(vec) is not list or not 1 <= len(vec) <= MAX_COORD_DIMS:
+        raise _field(f"coord: vector of 1..{MAX_COORD_DIMS} numbers expected")
+    out = (tuple([_number(x) for x in vec]), _number(error), _number(adjustment), _number(height))
+    if out[1] < 0 or out[3] < 0:
+        raise _field("coord: negative error or height")
+    return out
+
+
+def _d_ping(m: list) -> Ping:
+    if len(m) != 4:
+        raise _field("ping: 3 fields expected")
+    _, seq, target, source = m
+    if not (_is_seq(seq) and _is_name(target) and _is_name(source)):
+        raise _field("ping")
+    return Ping(seq, target, source)
+
+
+def _d_indirect(m: list) -> IndirectPing:
+    if len(m) != 6:
+        raise _field("indirect ping: 5 fields expected")
+    _, seq, target, host, port, nack = m
+    if not (_is_seq(seq) and _is_name(target) and _is_host(host) and _is_port(port)):
+        raise _field("indirect ping")
+    if type(nack) is not bool:
+        raise _field("indirect ping: nack must be a bool")
+    return IndirectPing(seq, target, host, port, nack)
+
+
+def _d_ack(m: list) -> Ack:
+    if len(m) != 3:
+        raise _field("ack: 2 fields expected")
+    if not _is_seq(m[1]):
+        raise _field("ack: seq")
+    return Ack(m[1], _coord(m[2]))
+
+
+def _d_nack(m: list) -> Nack:
+    if len(m) != 2 or not _is_seq(m[1]):
+        raise _field("nack")
+    return Nack(m[1])
+
+
+def _d_suspect(m: list) -> Suspect:
+    if len(m) != 4:
+        raise _field("suspect: 3 fields expected")
+    _, inc, node, source = m
+    if not (_is_inc(inc) and _is_name(node) and _is_name(source)):
+        raise _field("suspect")
+    return Suspect(inc, node, source)
+
+
+def _d_alive(m: list) -> Alive:
+    if len(m) != 6:
+        raise _field("alive: 5 fields expected")
+    _, inc, node, host, port, meta = m
+    if not (_is_inc(inc) and _is_name(node) and _is_host(host) and _is_port(port)):
+        raise _field("alive")
+    if not _is_meta(meta):
+        raise _field(f"alive: meta must be bytes of at most {META_MAX}")
+    return Alive(inc, node, host, port, meta)
+
+
+def _d_dead(m: list) -> Dead:
+    if len(m) != 4:
+        raise _field("dead: 3 fields expected")
+    _, inc, node, source = m
+    if not (_is_inc(inc) and _is_name(node) and _is_name(source)):
+        raise _field("dead")
+    return Dead(inc, node, source)
+
+
+def _d_user(m: list) -> User:
+    if len(m) != 2 or type(m[1]) is not bytes or len(m[1]) > MAX_PACKET:
+        raise _field("user: one bytes payload expected")
+    return User(m[1])
+
+
+def _d_stream_ping(m: list) -> StreamPing:
+    return StreamPing(*_d_ping(m))
+
+
+def _member(v: Any) -> MemberState:
+    if type(v) is not list or len(v) != 6:
+        raise _field("member: 6-element array expected")
+    name, host, port, meta, inc, state = v
+    if not (_is_name(name) and _is_host(host) and _is_port(port) and _is_meta(meta)):
+        raise _field("member")
+    if not _is_inc(inc) or type(state) is not int or not 0 <= state <= 3:
+        raise _field("member: incarnation or state")
+    return MemberState(name, host, port, meta, inc, state)
+
+
+_UDP_DECODERS = {
+    MsgType.PING.value: _d_ping,
+    MsgType.INDIRECT_PING.value: _d_indirect,
+    MsgType.ACK.value: _d_ack,
+    MsgType.NACK.value: _d_nack,
+    MsgType.SUSPECT.value: _d_suspect,
+    MsgType.ALIVE.value: _d_alive,
+    MsgType.DEAD.value: _d_dead,
+    MsgType.USER.value: _d_user,
+}
+
+_STREAM_DECODERS = {
+    MsgType.STREAM_PING.value: _d_stream_ping,
+    MsgType.ACK.value: _d_ack,
+}
+
+
+# ---------------------------------------------------------------- decoding
+
+_UDP_LIMITS: dict[str, Any] = {
+    "raw": False,
+    "use_list": True,
+    "strict_map_key": True,
+    "max_str_len": 1024,  # names are checked against MAX_NAME to report "field"
+    "max_bin_len": MAX_PACKET,
+    "max_array_len": MAX_MESSAGES + 1,
+    "max_map_len": 0,
+    "max_ext_len": 0,
+}
+
+
+def _unpack_error(exc: Exception) -> DecodeError:
+    if isinstance(exc, msgpack.OutOfData) or "incomplete input" in str(exc):
+        return DecodeError("truncated")
+    if isinstance(exc, msgpack.ExtraData):
+        return DecodeError("malformed", "trailing bytes")
+    return DecodeError("malformed", f"{type(exc).__name__}: {exc}")
+
+
+def decode_packet(data: bytes) -> list[Message]:
+    """Decode and fully validate one UDP packet; raises only DecodeError."""
+    try:
+        if len(data) > MAX_PACKET:
+            raise DecodeError("oversized")
+        if not data:
+            raise DecodeError("truncated")
+        try:
+            obj = msgpack.unpackb(data, **_UDP_LIMITS)
+        except Exception as exc:
+            raise _unpack_error(exc) from None
+        if type(obj) is not list or not obj:
+            raise DecodeError("malformed", "array of version and messages expected")
+        version = obj[0]
+        if type(version) is not int or version != VERSION:
+            raise DecodeError("version", repr(version)[:20])
+        if len(obj) < 2:
+            raise DecodeError("malformed", "packet without messages")
+        out: list[Message] = []
+        decoders = _UDP_DECODERS
+        for i in range(1, len(obj)):
+            m = obj[i]
+            if type(m) is not list or not m:
+                raise DecodeError("malformed", "message must be a non-empty array")
+            t = m[0]
+            dec = decoders.get(t) if type(t) is int else None
+            if dec is None:
+                raise DecodeError("type", repr(t)[:20])
+            out.append(dec(m))
+        return out
+    except DecodeError:
+        raise
+    except Exception as exc:  # a bug or an input we did not foresee: still only DecodeError
+        raise DecodeError("malformed", f"{type(exc).__name__}: {exc}") from None
+
+
+def _stream_unpacker(data: bytes) -> msgpack.Unpacker:
+    # Array headers are read one by one with explicit limits, so the unpacker itself
+    # only ever sees small arrays (member records and coordinates).
+    u = msgpack.Unpacker(
+        raw=False,
+        use_list=True,
+        strict_map_key=True,
+        max_buffer_size=max(len(data), 1),
+        max_str_len=1024,
+        max_bin_len=MAX_APP_STATE,
+        max_array_len=MAX_COORD_DIMS,
+        max_map_len=0,
+        max_ext_len=0,
+    )
+    u.feed(data)
+    return u
+
+
+def _read_header(u: msgpack.Unpacker) -> int:
+    try:
+        return u.read_array_header()
+    except msgpack.OutOfData:
+        raise DecodeError("truncated") from None
+    except Exception as exc:
+        # Not an array header at this position.
+        raise DecodeError("malformed", f"array expected: {exc}") from None
+
+
+def _read(u: msgpack.Unpacker) -> Any:
+    try:
+        return u.unpack()
+    except Exception as exc:
+        raise _unpack_error(exc) from None
+
+
+def decode_stream(data: bytes) -> PushPull | StreamPing | Ack:
+    """Decode and fully validate one stream frame; raises only DecodeError."""
+    try:
+        if len(data) > MAX_STREAM:
+            raise DecodeError("oversized")
+        if not data:
+            raise DecodeError("truncated")
+        u = _stream_unpacker(data)
+        if _read_header(u) != 2:
+            raise DecodeError("malformed", "array of version and message expected")
+        version = _read(u)
+        if type(version) is not int or version != VERSION:
+            raise DecodeError("version", repr(version)[:20])
+        n = _read_header(u)
+        if n < 1:
+            raise DecodeError("malformed", "message must be a non-empty array")
+        t = _read(u)
+        msg: PushPull | StreamPing | Ack
+        if type(t) is int and t == MsgType.PUSH_PULL:
+            if n != 4:
+                raise _field("push-pull: 3 fields expected")
+            join = _read(u)
+            if type(join) is not bool:
+                raise _field("push-pull: join must be a bool")
+            count = _read_header(u)
+            if count > MAX_MEMBERS:
+                raise _field(f"push-pull: more than {MAX_MEMBERS} members")
+            members = [_member(_read(u)) for _ in range(count)]
+            app_state = _read(u)
+            if type(app_state) is not bytes or len(app_state) > MAX_APP_STATE:
+                raise _field("push-pull: app state must be bytes")
+            msg = PushPull(join, members, app_state)
+        else:
+            dec = _STREAM_DECODERS.get(t) if type(t) is int else None
+            if dec is None:
+                raise DecodeError("type", repr(t)[:20])
+            if n > 8:  # no stream message besides push-pull has this many fields
+                raise _field("too many fields")
+            msg = dec([t, *(_read(u) for _ in range(n - 1))])
+        if u.tell() != len(data):
+            raise DecodeError("malformed", "trailing bytes")
+        return msg
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError("malformed", f"{type(exc).__name__}: {exc}") from None
