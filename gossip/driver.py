@@ -21,16 +21,19 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Config
+from .crypto import SEALED_OVERHEAD, Keyring
 from .events import MemberEvent
 from .members import Addr, Member
+from .wire import MAX_STREAM
 
 if TYPE_CHECKING:
     from .core import Delegate, StreamRequest
-    from .crypto import Keyring
 
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct(">I")
+MAX_FRAME = MAX_STREAM + SEALED_OVERHEAD
+"""Largest stream frame accepted: the largest stream message once sealed."""
 _MIN_IDLE = 0.001
 """Pause when a tick leaves the deadline in the past, so a stuck timer cannot
 spin the event loop."""
@@ -130,6 +133,23 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def _bound_socket(asked: Addr, addr: Addr, kind: socket.SocketKind) -> socket.socket:
+    sock = socket.socket(_family(addr[0]), kind)
+    try:
+        if kind == socket.SOCK_STREAM:
+            # A restarted member must get its port back despite TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        proto = "TCP" if kind == socket.SOCK_STREAM else "UDP"
+        err = BindError(f"cannot bind {proto} {format_addr(asked)}: {exc.strerror or exc}")
+        err.errno = exc.errno
+        raise err from exc
+    return sock
+
+
 # ---------------------------------------------------------------- framing
 
 
@@ -143,12 +163,6 @@ async def read_frame(reader: asyncio.StreamReader, max_len: int) -> bytes:
 
 def frame(data: bytes) -> bytes:
     return _LEN.pack(len(data)) + data
-
-
-def _default_max_frame() -> int:
-    from .wire import MAX_STREAM
-
-    return MAX_STREAM
 
 
 def _default_core_factory() -> CoreFactory:
@@ -205,7 +219,7 @@ class Gossip:
         self._delegate = delegate
         self._max_out = max_outbound_streams
         self._max_in = max_inbound_streams
-        self._max_frame = max_frame if max_frame is not None else _default_max_frame()
+        self._max_frame = max_frame if max_frame is not None else MAX_FRAME
         self._core_factory = core_factory
         self._events: asyncio.Queue[MemberEvent | None] = asyncio.Queue(event_queue_size)
 
@@ -232,15 +246,17 @@ class Gossip:
         if self._started:
             raise RuntimeError("Gossip.start() called twice")
         self._started = True
+        addr = self.advertise or self.bind
+        if _is_ip(addr[0]) and ipaddress.ip_address(addr[0]).is_unspecified:
+            # Checked before binding: peers cannot reach "0.0.0.0".
+            self._stopped = True
+            raise ValueError(
+                f"binding to the wildcard {format_addr(self.bind)} needs an advertise address"
+            )
         try:
             await self._bind()
             assert self.bound is not None
             addr = self.advertise or self.bound
-            if _is_ip(addr[0]) and ipaddress.ip_address(addr[0]).is_unspecified:
-                raise ValueError(
-                    f"bound to the wildcard {format_addr(self.bound)}: "
-                    "an advertise address is required"
-                )
             factory = self._core_factory or _default_core_factory()
             mono = time.monotonic()
             self._core = factory(
@@ -261,40 +277,43 @@ class Gossip:
 
     async def _bind(self) -> None:
         """UDP and TCP share one port. With port 0 the kernel picks the UDP
-        port, and TCP may find it taken: pick again a few times."""
+        port, and TCP may find it taken: pick again a few times. Sockets are
+        bound here rather than by the loop so that every loop (uvloop too)
+        reports the same clear error."""
         loop = asyncio.get_running_loop()
         host, port = self.bind
-        family = _family(host)
+        if not _is_ip(host):
+            resolved = await self._resolve((host, port), socket.AF_UNSPEC)
+            if resolved is None:
+                raise BindError(f"cannot bind {format_addr(self.bind)}: host not found")
+            host = resolved[0]
         attempts = 20 if port == 0 else 1
-        last: OSError | None = None
-        for _ in range(attempts):
+        for attempt in range(attempts):
+            udp_sock = _bound_socket(self.bind, (host, port), socket.SOCK_DGRAM)
+            real = _norm(udp_sock.getsockname())
+            try:
+                tcp_sock = _bound_socket(self.bind, real, socket.SOCK_STREAM)
+            except BindError:
+                udp_sock.close()
+                if attempt + 1 == attempts:
+                    raise
+                continue
             try:
                 udp, _proto = await loop.create_datagram_endpoint(
-                    lambda: _Datagrams(self), local_addr=(host, port), family=family
+                    lambda: _Datagrams(self), sock=udp_sock
                 )
-            except OSError as exc:
-                raise BindError(
-                    exc.errno, f"cannot bind UDP {format_addr(self.bind)}: {exc.strerror or exc}"
-                ) from exc
-            real = _norm(udp.get_extra_info("sockname"))
+            except BaseException:
+                udp_sock.close()
+                tcp_sock.close()
+                raise
             try:
-                server = await asyncio.start_server(
-                    self._on_connection,
-                    host=host,
-                    port=real[1],
-                    family=family,
-                    reuse_address=True,
-                )
-            except OSError as exc:
+                server = await asyncio.start_server(self._on_connection, sock=tcp_sock)
+            except BaseException:
                 udp.close()
-                last = exc
-                continue
+                tcp_sock.close()
+                raise
             self._udp, self._server, self.bound = udp, server, real
             return
-        assert last is not None
-        raise BindError(
-            last.errno, f"cannot bind TCP {format_addr(self.bind)}: {last.strerror or last}"
-        ) from last
 
     async def stop(self) -> None:
         """Close everything without telling anyone (use leave() first to be polite)."""
@@ -386,12 +405,13 @@ class Gossip:
                 self._join_results.pop(t, None)
                 self._join_deadlines.pop(t, None)
 
-    async def _resolve(self, addr: Addr) -> Addr | None:
+    async def _resolve(self, addr: Addr, family: int | None = None) -> Addr | None:
         host, port = addr
         if _is_ip(host):
             return addr
         loop = asyncio.get_running_loop()
-        family = _family(self.bound[0]) if self.bound else socket.AF_UNSPEC
+        if family is None:
+            family = _family(self.bound[0]) if self.bound else socket.AF_UNSPEC
         try:
             infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
         except OSError as exc:
@@ -410,7 +430,8 @@ class Gossip:
         return await self.wait_for(core.leave_done, timeout)
 
     def set_meta(self, meta: bytes) -> None:
-        self._call(self.core.set_meta, meta, time.monotonic())
+        """Raises ValueError for metadata the wire format cannot carry."""
+        self.core.set_meta(meta, time.monotonic())
         self._flush()
 
     def broadcast(self, payload: bytes, key: str | None = None) -> None:

@@ -236,10 +236,11 @@ async def test_port_in_use_is_a_clear_oserror() -> None:
 
 async def test_wildcard_bind_needs_advertise() -> None:
     g = make(bind=("0.0.0.0", 0))
-    # Only the address check is exercised: nothing is sent anywhere.
+    # Refused before any socket is bound.
     with pytest.raises(ValueError, match="advertise"):
         await g.start()
     assert not g.running
+    assert g.bound is None
 
 
 async def test_stop_is_idempotent_and_ends_event_stream() -> None:
