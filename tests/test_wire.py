@@ -303,7 +303,8 @@ def test_coord_dimension_limit_accepted() -> None:
 
 
 @pytest.mark.parametrize(
-    "host", ["127.0.0.1", "0.0.0.0", "::1", "2001:db8::8a2e:370:7334", "fe80::1%eth0", "::ffff:1.2.3.4"]
+    "host",
+    ["127.0.0.1", "0.0.0.0", "::1", "2001:db8::8a2e:370:7334", "fe80::1%eth0", "::ffff:1.2.3.4"],
 )
 def test_hosts_accepted(host: str) -> None:
     assert decode_packet(pkt([MsgType.ALIVE, 1, "n", host, 80, b""]))[0].host == host

@@ -87,7 +87,9 @@ def mutated(draw: st.DrawFn, base: st.SearchStrategy[bytes]) -> bytes:
         if op == "flip" and data:
             data[pos] ^= 1 << draw(st.integers(0, 7))
         elif op == "byte" and data:
-            data[pos] = draw(st.sampled_from([0x00, 0x7F, 0x80, 0xC0, 0xC1, 0xC3, 0xDC, 0xDD, 0xFF]))
+            data[pos] = draw(
+                st.sampled_from([0x00, 0x7F, 0x80, 0xC0, 0xC1, 0xC3, 0xDC, 0xDD, 0xFF])
+            )
         elif op == "truncate":
             del data[pos:]
         elif op == "insert":
