@@ -328,13 +328,26 @@ def _coord(v: Any) -> Coord | None:
     return out
 
 
+# The decoders below inline the common-case checks (the simulator pushes about a
+# million packets through here); the helpers above handle the slow cases.
+_new = tuple.__new__
+_SHORT_NAME = MAX_NAME // 4  # this many characters always fit in MAX_NAME bytes
+_U32 = MAX_SEQ
+_U64 = MAX_INCARNATION
+
+
 def _d_ping(m: list) -> Ping:
     if len(m) != 4:
         raise _field("ping: 3 fields expected")
     _, seq, target, source = m
-    if not (_is_seq(seq) and _is_name(target) and _is_name(source)):
+    if not (
+        type(seq) is int
+        and 0 <= seq <= _U32
+        and ((type(target) is str and 0 < len(target) <= _SHORT_NAME) or _is_name(target))
+        and ((type(source) is str and 0 < len(source) <= _SHORT_NAME) or _is_name(source))
+    ):
         raise _field("ping")
-    return Ping(seq, target, source)
+    return _new(Ping, (seq, target, source))
 
 
 def _d_indirect(m: list) -> IndirectPing:
@@ -345,21 +358,22 @@ def _d_indirect(m: list) -> IndirectPing:
         raise _field("indirect ping")
     if type(nack) is not bool:
         raise _field("indirect ping: nack must be a bool")
-    return IndirectPing(seq, target, host, port, nack)
+    return _new(IndirectPing, (seq, target, host, port, nack))
 
 
 def _d_ack(m: list) -> Ack:
     if len(m) != 3:
         raise _field("ack: 2 fields expected")
-    if not _is_seq(m[1]):
+    seq = m[1]
+    if type(seq) is not int or not 0 <= seq <= _U32:
         raise _field("ack: seq")
-    return Ack(m[1], _coord(m[2]))
+    return _new(Ack, (seq, _coord(m[2])))
 
 
 def _d_nack(m: list) -> Nack:
     if len(m) != 2 or not _is_seq(m[1]):
         raise _field("nack")
-    return Nack(m[1])
+    return _new(Nack, (m[1],))
 
 
 def _d_suspect(m: list) -> Suspect:
@@ -368,18 +382,26 @@ def _d_suspect(m: list) -> Suspect:
     _, inc, node, source = m
     if not (_is_inc(inc) and _is_name(node) and _is_name(source)):
         raise _field("suspect")
-    return Suspect(inc, node, source)
+    return _new(Suspect, (inc, node, source))
 
 
 def _d_alive(m: list) -> Alive:
     if len(m) != 6:
         raise _field("alive: 5 fields expected")
     _, inc, node, host, port, meta = m
-    if not (_is_inc(inc) and _is_name(node) and _is_host(host) and _is_port(port)):
+    if not (
+        type(inc) is int
+        and 0 <= inc <= _U64
+        and ((type(node) is str and 0 < len(node) <= _SHORT_NAME) or _is_name(node))
+        and type(host) is str
+        and (host in _host_cache or _is_host(host))
+        and type(port) is int
+        and 0 < port <= 65535
+    ):
         raise _field("alive")
-    if not _is_meta(meta):
+    if type(meta) is not bytes or len(meta) > META_MAX:
         raise _field(f"alive: meta must be bytes of at most {META_MAX}")
-    return Alive(inc, node, host, port, meta)
+    return _new(Alive, (inc, node, host, port, meta))
 
 
 def _d_dead(m: list) -> Dead:
@@ -388,13 +410,13 @@ def _d_dead(m: list) -> Dead:
     _, inc, node, source = m
     if not (_is_inc(inc) and _is_name(node) and _is_name(source)):
         raise _field("dead")
-    return Dead(inc, node, source)
+    return _new(Dead, (inc, node, source))
 
 
 def _d_user(m: list) -> User:
     if len(m) != 2 or type(m[1]) is not bytes or len(m[1]) > MAX_PACKET:
         raise _field("user: one bytes payload expected")
-    return User(m[1])
+    return _new(User, (m[1],))
 
 
 def _d_stream_ping(m: list) -> StreamPing:
