@@ -38,7 +38,6 @@ TAG_SIZE = 16
 _PLAIN = 0
 _AEAD_V1 = 1
 _HEADER = struct.Struct(">BQ12s")  # flag, ts_ms, nonce: 21 bytes
-_MAX_TS_MS = 2**64 - 1
 SEALED_OVERHEAD = _HEADER.size + TAG_SIZE
 PLAIN_OVERHEAD = 1 + 4
 
@@ -191,8 +190,8 @@ class Sealer:
         if keyring is None:
             return self._plain_prefix + plaintext
         nonce = os.urandom(NONCE_SIZE)
-        ts_ms = min(max(int(wall * 1000.0), 0), _MAX_TS_MS)
-        header = _HEADER.pack(_AEAD_V1, ts_ms, nonce)
+        # A wall clock before 1970 or past uint64 milliseconds is a caller bug: struct raises.
+        header = _HEADER.pack(_AEAD_V1, int(wall * 1000.0), nonce)
         return header + keyring.primary_aead.encrypt(
             nonce, plaintext, header + self._aad_suffix[stream]
         )
