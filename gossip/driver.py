@@ -69,6 +69,7 @@ class CoreLike(Protocol):
     def next_deadline(self) -> float: ...
     def members(self) -> list[Member]: ...
     def member(self, name: str) -> Member | None: ...
+    def num_alive(self) -> int: ...
 
 
 CoreFactory = Callable[..., CoreLike]
@@ -369,6 +370,11 @@ class Gossip:
 
     @property
     def stats(self) -> dict[str, int]:
+        """The core's counters plus the driver's own: events_dropped (queue
+        full, oldest dropped), tcp_out_ok/failed/rejected (outgoing streams;
+        rejected = over the concurrency limit), tcp_in_bad/rejected (inbound
+        streams broken or over the limit), udp_errors, udp_send_errors,
+        join_unresolved and core_errors (a core call raised: a bug)."""
         return {**self.core.stats, **self._counters}
 
     async def join(self, addrs: Sequence[Addr | str], timeout: float | None = None) -> int:
@@ -517,7 +523,7 @@ class Gossip:
                 if req.token in self._join_results:
                     self._join_deadlines[req.token] = req.deadline
                 if len(self._out_tasks) >= self._max_out:
-                    self._count("stream_out_rejected")
+                    self._count("tcp_out_rejected")
                     rejected.append(req.token)
                     continue
                 task = asyncio.create_task(self._stream_out(req))
@@ -587,7 +593,7 @@ class Gossip:
         finally:
             if writer is not None:
                 writer.close()
-        self._count("stream_out_ok" if body is not None else "stream_out_failed")
+        self._count("tcp_out_ok" if body is not None else "tcp_out_failed")
         if self._stopped:
             return
         self._complete(req.token, body)
@@ -598,7 +604,7 @@ class Gossip:
     ) -> None:
         task = asyncio.current_task()
         if self._stopped or self._core is None or len(self._in_tasks) >= self._max_in:
-            self._count("stream_in_rejected")
+            self._count("tcp_in_rejected")
             writer.close()
             return
         assert task is not None
@@ -607,14 +613,13 @@ class Gossip:
             peer = _norm(writer.get_extra_info("peername"))
             async with asyncio.timeout(self.config.tcp_timeout):
                 body = await read_frame(reader, self._max_frame)
-                self._count("stream_in")
                 reply = self._call(self._core.handle_stream, body, peer, time.monotonic())
                 self._flush()
                 if reply is not None:
                     writer.write(frame(reply))
                     await writer.drain()
         except (OSError, TimeoutError, FrameError, asyncio.IncompleteReadError) as exc:
-            self._count("stream_in_bad")
+            self._count("tcp_in_bad")
             log.debug("inbound stream dropped: %r", exc)
         finally:
             self._in_tasks.discard(task)

@@ -120,6 +120,9 @@ class FakeCore:
     def members(self) -> list[Member]:
         return [self.member(self.name)]  # type: ignore[list-item]
 
+    def num_alive(self) -> int:
+        return 1
+
     def member(self, name: str) -> Member | None:
         if name != self.name:
             return None
@@ -363,7 +366,7 @@ async def test_outbound_stream_framing_and_reply() -> None:
         g._flush()
         await until(lambda: token in core.replies)
         assert core.replies[token] == b"re:state"
-        assert g.stats["stream_out_ok"] == 1
+        assert g.stats["tcp_out_ok"] == 1
     srv.close()
 
 
@@ -384,7 +387,7 @@ async def test_outbound_bad_reply_is_failure(reply: Callable[[bytes], bytes]) ->
         g._flush()
         await until(lambda: token in core.replies)
         assert core.replies[token] is None
-        assert g.stats["stream_out_failed"] == 1
+        assert g.stats["tcp_out_failed"] == 1
     srv.close()
 
 
@@ -425,7 +428,7 @@ async def test_outbound_concurrency_limit_rejects_at_once() -> None:
         g._flush()
         # rejected synchronously within the flush
         assert core.replies == {second: None}
-        assert g.stats["stream_out_rejected"] == 1
+        assert g.stats["tcp_out_rejected"] == 1
         assert first not in core.replies
         hold.set()
         await until(lambda: first in core.replies)
@@ -483,7 +486,7 @@ async def test_bad_inbound_frames_never_crash() -> None:
         ]
         for payload in bad:
             assert await request(g.bound, payload) == b""
-        await until(lambda: g.stats.get("stream_in_bad", 0) == len(bad))
+        await until(lambda: g.stats.get("tcp_in_bad", 0) == len(bad))
         assert fake(g).got_streams == []
         # still serving
         assert await request(g.bound, framed(b"ok")) == framed(b"re:ok")
@@ -503,7 +506,7 @@ async def test_inbound_read_timeout_closes() -> None:
         w.write(b"\x00\x00")  # never finishes the header
         assert await asyncio.wait_for(r.read(), 2) == b""
         w.close()
-        assert g.stats["stream_in_bad"] == 1
+        assert g.stats["tcp_in_bad"] == 1
 
 
 async def test_inbound_connection_limit() -> None:
@@ -514,7 +517,7 @@ async def test_inbound_connection_limit() -> None:
         await until(lambda: len(g._in_tasks) == 1)
         r2, w2 = await asyncio.open_connection(*g.bound)
         assert await asyncio.wait_for(r2.read(), 2) == b""
-        assert g.stats["stream_in_rejected"] == 1
+        assert g.stats["tcp_in_rejected"] == 1
         w1.close()
         w2.close()
 
