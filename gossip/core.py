@@ -76,25 +76,29 @@ class _Probe:
     __slots__ = (
         "acked",
         "addr",
-        "end_timer",
+        "end",
+        "ended",
         "expected_nacks",
         "nacks",
         "sent",
         "seq",
         "target",
         "tcp_pending",
+        "timeout_timer",
     )
 
-    def __init__(self, target: str, addr: Addr, seq: int, sent: float) -> None:
+    def __init__(self, target: str, addr: Addr, seq: int, sent: float, end: float) -> None:
         self.target = target
         self.addr = addr
         self.seq = seq
         self.sent = sent
+        self.end = end
+        self.ended = False
         self.acked = False
         self.nacks = 0
         self.expected_nacks = 0
         self.tcp_pending = False
-        self.end_timer: list[Any] | None = None
+        self.timeout_timer: list[Any] | None = None
 
 
 class _Relay:
@@ -137,6 +141,7 @@ class Core:
         self._meta = meta
         self._leaving = False
         self._members: dict[str, Member] = {}
+        self._dead_since: dict[str, float] = {}
         self._probe_list: list[str] = []
         self._probe_index = 0
         self._bq = BroadcastQueue()
@@ -174,8 +179,11 @@ class Core:
         # Spread the first timers over one period so that members started
         # together do not probe and gossip in lockstep.
         self._schedule(now + self._rng.random() * config.probe_interval, self._probe_round)
-        self._schedule(now + self._rng.random() * config.gossip_interval, self._gossip_round)
-        self._schedule(now + self._rng.random() * config.push_pull_interval, self._push_pull_round)
+        self._gossip_timer: list[Any] | None = None
+        self._now = now
+        self._push_pull_timer = self._schedule(
+            now + self._rng.random() * config.push_pull_interval, self._push_pull_round
+        )
         self._schedule(now + self._reap_period(), self._reap_round)
 
     # ------------------------------------------------------------------ queries
@@ -240,6 +248,7 @@ class Core:
     # ------------------------------------------------------------------ inputs
 
     def tick(self, now: float) -> None:
+        self._now = now
         timers = self._timers
         while timers and timers[0][0] <= now:
             entry = heapq.heappop(timers)
@@ -249,6 +258,7 @@ class Core:
                 fn(now, *entry[3])
 
     def handle_packet(self, data: bytes, addr: Addr, now: float) -> None:
+        self._now = now
         stats = self.stats
         stats["packets_in"] = stats.get("packets_in", 0) + 1
         stats["bytes_in"] = stats.get("bytes_in", 0) + len(data)
@@ -266,6 +276,7 @@ class Core:
                 self._count("dropped.internal_error")
 
     def handle_stream(self, data: bytes, addr: Addr, now: float) -> bytes | None:
+        self._now = now
         self._count("streams_in")
         try:
             msg = wire.decode_stream(self._sealer.open(data, now + self.wall_offset, stream=True))
@@ -289,6 +300,7 @@ class Core:
         return None
 
     def handle_stream_reply(self, token: int, data: bytes | None, now: float) -> bool:
+        self._now = now
         pending = self._pending_streams.pop(token, None)
         if pending is None:
             return False
@@ -308,7 +320,7 @@ class Core:
             if isinstance(msg, wire.Ack) and msg.seq == probe.seq and not probe.acked:
                 probe.acked = True
                 self._count("tcp_fallback_acks")
-            if probe.end_timer is None:  # the probe round already waited for us
+            if probe.ended:  # the probe round already waited for us
                 self._finish_probe(probe, now)
             return isinstance(msg, wire.Ack)
         if isinstance(msg, wire.PushPull):
@@ -325,12 +337,14 @@ class Core:
 
     def join(self, addrs: Sequence[Addr], now: float) -> list[int]:
         """Start a push-pull with each address; returns the stream tokens."""
+        self._now = now
         return [self._start_push_pull(tuple(a), True, now) for a in addrs]  # type: ignore[arg-type]
 
     def leave(self, now: float) -> None:
         """Announce a graceful leave. Keep driving the core until leave_done()."""
         if self._leaving:
             return
+        self._now = now
         self._leaving = True
         me = self._members[self.name]
         self._members[self.name] = me.evolve(state=State.LEFT, state_change=now)
@@ -349,6 +363,7 @@ class Core:
     def set_meta(self, meta: bytes, now: float) -> None:
         if len(meta) > wire.META_MAX:
             raise ValueError(f"metadata is {len(meta)} bytes, at most {wire.META_MAX} allowed")
+        self._now = now
         self._meta = meta
         self._incarnation += 1
         me = self._members[self.name]
@@ -358,7 +373,7 @@ class Core:
     def queue_broadcast(self, payload: bytes, key: str | None = None) -> None:
         """Spread an application message through the piggyback queue. A later
         message with the same key replaces one still queued."""
-        self._bq.queue(wire.encode_message(wire.User(payload)), None if key is None else "u:" + key)
+        self._queue(wire.encode_message(wire.User(payload)), None if key is None else "u:" + key)
 
     def bootstrap(self, members: dict[str, Member], now: float) -> None:
         """Adopt a whole membership table as if a push-pull with a fully
@@ -369,6 +384,13 @@ class Core:
         self._members = table
         self._probe_list = [n for n in table if n != self.name]
         self._probe_index = 0
+        # The exchange just "happened": the next one is due within one
+        # interval scaled to the new size, at a random phase.
+        self._cancel(self._push_pull_timer)
+        period = self.config.push_pull_scaled(len(table))
+        self._push_pull_timer = self._schedule(
+            now + self._rng.random() * period, self._push_pull_round
+        )
 
     # ------------------------------------------------------------------ timers
 
@@ -398,7 +420,7 @@ class Core:
         if target is None:
             return
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-        probe = _Probe(target.name, target.addr, seq, now)
+        probe = _Probe(target.name, target.addr, seq, now, now + interval)
         self._probe = probe
         self._acks[seq] = probe
         msgs = [wire.encode_message(wire.Ping(seq, target.name, self.name))]
@@ -410,8 +432,7 @@ class Core:
         self._send(target.addr, msgs, now)
         self._count("probes")
         timeout = self._awareness.scale(self.config.probe_timeout)
-        self._schedule(now + timeout, self._probe_timeout, probe)
-        probe.end_timer = self._schedule(now + interval, self._end_probe, probe)
+        probe.timeout_timer = self._schedule(now + timeout, self._probe_timeout, probe)
 
     def _next_probe_target(self) -> Member | None:
         """Round robin over the member list, shuffled incrementally (a lazy
@@ -451,18 +472,18 @@ class Core:
             self._count("indirect_probes")
         probe.expected_nacks = len(candidates)
         if self.config.tcp_fallback:
-            end = probe.end_timer[0] if probe.end_timer else now + self.config.probe_interval
             frame = wire.StreamPing(probe.seq, probe.target, self.name)
             probe.tcp_pending = True
-            self._stream("ping", probe, probe.addr, self._seal_stream(frame, now), end)
+            self._stream("ping", probe, probe.addr, self._seal_stream(frame, now), probe.end)
 
     def _end_probe(self, now: float, probe: _Probe) -> None:
-        """The probe's interval is over: count the result, suspect on failure.
-        A TCP fallback still in flight gets until its own deadline."""
+        """The probe's interval is over (the next probe round starts): count
+        the result, suspect on failure. A TCP fallback still in flight gets
+        until its own deadline."""
         if self._probe is probe:
             self._probe = None
-        self._cancel(probe.end_timer)
-        probe.end_timer = None
+        probe.ended = True
+        self._cancel(probe.timeout_timer)
         self._acks.pop(probe.seq, None)
         if probe.tcp_pending and not probe.acked:
             return  # handle_stream_reply finishes it
@@ -485,8 +506,10 @@ class Core:
     # ------------------------------------------------------------------ gossip
 
     def _gossip_round(self, now: float, reschedule: bool = True) -> None:
+        """Piggyback gossip. The timer runs only while there is news to
+        spread, so an idle member costs no wake-ups."""
         if reschedule:
-            self._schedule(now + self.config.gossip_interval, self._gossip_round)
+            self._gossip_timer = None
         if not len(self._bq):
             return
         dead_after = now - self.config.gossip_to_the_dead_time
@@ -503,6 +526,8 @@ class Core:
             self._emit(m.addr, wire.encode_packet(msgs), wall)
         if len(self._bq) > self.config.broadcast_queue_max:
             self._count("broadcasts_pruned", self._bq.prune(self.config.broadcast_queue_max))
+        if len(self._bq) and self._gossip_timer is None:
+            self._gossip_timer = self._schedule(now + self.config.gossip_interval, self._gossip_round)
 
     def _random_members(self, k: int, accept: Callable[[Member], bool]) -> list[Member]:
         """Up to k distinct random members (not us) that pass `accept`."""
@@ -532,7 +557,9 @@ class Core:
 
     def _push_pull_round(self, now: float) -> None:
         n = len(self._members)
-        self._schedule(now + self.config.push_pull_scaled(n), self._push_pull_round)
+        self._push_pull_timer = self._schedule(
+            now + self.config.push_pull_scaled(n), self._push_pull_round
+        )
         if self._leaving:
             return
         peers = self._random_members(1, lambda m: m.state == State.ALIVE)
@@ -553,7 +580,11 @@ class Core:
         return wire.PushPull(join, states, self.delegate.local_state(join))
 
     def _merge_remote(self, msg: wire.PushPull, now: float) -> None:
+        members = self._members
         for st in msg.members:
+            m = members.get(st.name)
+            if m is not None and m.incarnation == st.incarnation and m.state == st.state:
+                continue  # nothing new: the common case in a settled cluster
             if st.state == State.ALIVE:
                 self._alive(wire.Alive(st.incarnation, st.name, st.host, st.port, st.meta), now)
             elif st.state == State.LEFT:
@@ -570,11 +601,12 @@ class Core:
     def _reap_round(self, now: float) -> None:
         self._schedule(now + self._reap_period(), self._reap_round)
         cutoff = now - self.config.dead_reap_time
-        gone = [
-            n for n, m in self._members.items()
-            if m.state >= State.DEAD and m.state_change <= cutoff and n != self.name
-        ]
+        gone = [n for n, since in self._dead_since.items() if since <= cutoff]
         for n in gone:
+            del self._dead_since[n]
+            m = self._members.get(n)
+            if m is None or m.state < State.DEAD:
+                continue
             del self._members[n]
             self._coords.pop(n, None)
             self._vivaldi.forget(n)
@@ -630,6 +662,7 @@ class Core:
         if probe.acked:
             return
         probe.acked = True
+        self._cancel(probe.timeout_timer)
         if probe.expected_nacks == 0:
             self._awareness.apply(-1)  # a prompt direct ack: we are healthy
         if msg.coord is not None and addr == probe.addr:
@@ -653,7 +686,7 @@ class Core:
     def _on_user(self, msg: wire.User, addr: Addr, now: float) -> None:
         self._count("user_msgs_in")
         if self.delegate.notify_user_msg(msg.payload):
-            self._bq.queue(wire.encode_message(msg))
+            self._queue(wire.encode_message(msg), None)
 
     def _on_alive_msg(self, msg: wire.Alive, addr: Addr, now: float) -> None:
         self._alive(msg, now)
@@ -768,6 +801,7 @@ class Core:
             incarnation=d.incarnation, state=State.LEFT if left else State.DEAD, state_change=now
         )
         self._members[name] = new
+        self._dead_since[name] = now
         self._count("leaves" if left else "deaths")
         self._broadcast(d, name)
         self._event(EventKind.LEAVE if left else EventKind.DEAD, new, now)
@@ -792,7 +826,15 @@ class Core:
     # ------------------------------------------------------------------ plumbing
 
     def _broadcast(self, msg: Any, key: str) -> None:
-        self._bq.queue(wire.encode_message(msg), key)
+        self._queue(wire.encode_message(msg), key)
+
+    def _queue(self, data: bytes, key: str | None) -> None:
+        self._bq.queue(data, key)
+        if self._gossip_timer is None:
+            # First news after a quiet spell: gossip within one interval,
+            # at a random phase so members do not synchronise.
+            delay = self._rng.random() * self.config.gossip_interval
+            self._gossip_timer = self._schedule(self._now + delay, self._gossip_round)
 
     def _event(self, kind: EventKind, member: Member, now: float) -> None:
         self._events.append(MemberEvent(kind, member, now))
