@@ -239,9 +239,10 @@ async def test_agent_processes_detect_kill() -> None:
     addrs = [f"127.0.0.{i}:{free_port(f'127.0.0.{i}')}" for i in (1, 2, 3)]
     agents: list[Agent] = []
     try:
-        agents.append(await spawn("a1", addrs[0], key, []))
+        # The joiners start first: they must retry until a1 is up.
         agents.append(await spawn("a2", addrs[1], key, [addrs[0]]))
         agents.append(await spawn("a3", addrs[2], key, [addrs[0], addrs[1]]))
+        agents.insert(0, await spawn("a1", addrs[0], key, []))
         for ag in agents:
             for other in agents:
                 if other is not ag:
