@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gossip.config import PROFILES  # noqa: E402
-from gossip.events import EventKind  # noqa: E402
-from gossip.sim import Simulation  # noqa: E402
+from gossip.config import PROFILES
+from gossip.events import EventKind
+from gossip.sim import Simulation
 
 
 def run(members: int, loss: float, seed: int, duration: float, profile: str) -> dict[str, object]:
