@@ -37,10 +37,10 @@ MAIN_DOCKER = "unix:///var/run/docker.sock"
 
 # Fault rules live in chains of their own in the raw table: raw PREROUTING sees
 # every packet that enters a host, whether it is delivered locally or forwarded
-# to a container, and Docker never rewrites that table.
+# to a container, and Docker never rewrites that table. Faults act on arrival
+# only, so a sender sees no error, as on a real network.
 CHAIN_LOSS = "LAB-LOSS"
-CHAIN_PART_IN = "LAB-PART"
-CHAIN_PART_OUT = "LAB-PART-OUT"
+CHAIN_PART = "LAB-PART"
 
 MAX_HOSTS = 250
 
@@ -356,12 +356,10 @@ class Lab:
         rules = "\n".join(
             [
                 "*raw",
-                f":{CHAIN_PART_IN} - [0:0]",
+                f":{CHAIN_PART} - [0:0]",
                 f":{CHAIN_LOSS} - [0:0]",
-                f":{CHAIN_PART_OUT} - [0:0]",
-                f"-A PREROUTING -j {CHAIN_PART_IN}",
+                f"-A PREROUTING -j {CHAIN_PART}",
                 f"-A PREROUTING -j {CHAIN_LOSS}",
-                f"-A OUTPUT -j {CHAIN_PART_OUT}",
                 "COMMIT",
                 "",
             ]
@@ -385,15 +383,18 @@ class Lab:
         self._ipt(i, *rule, "-j", "DROP")
 
     def partition(self, i: int, j: int) -> None:
-        """Cut all IP traffic between hosts i and j, both ways."""
+        """Cut all IP traffic between hosts i and j, both ways.
+
+        Each side drops what arrives from the other: sends still succeed, and
+        nothing gets through, like a real partition.
+        """
         if i == j:
             raise LabError("cannot partition a host from itself")
         for a, b in ((i, j), (j, i)):
             self._ensure_chains(a)
-            for chain, flag in ((CHAIN_PART_IN, "-s"), (CHAIN_PART_OUT, "-d")):
-                rule = [chain, flag, self.addr(b), "-j", "DROP"]
-                if not self._rule_exists(a, rule):
-                    self._ipt(a, "-A", *rule)
+            rule = [CHAIN_PART, "-s", self.addr(b), "-j", "DROP"]
+            if not self._rule_exists(a, rule):
+                self._ipt(a, "-A", *rule)
 
     def split(self, side_a: Iterable[int], side_b: Iterable[int]) -> None:
         """Partition every host of side_a from every host of side_b."""
@@ -407,18 +408,16 @@ class Lab:
         targets = list(self.hosts) if i is None else [i]
         for h in targets:
             self._ensure_chains(h)
-            self._ipt(h, "-F", CHAIN_PART_IN)
-            self._ipt(h, "-F", CHAIN_PART_OUT)
+            self._ipt(h, "-F", CHAIN_PART)
         if i is None:
             return
         for h in self.hosts:
             if h == i:
                 continue
             self._ensure_chains(h)
-            for chain, flag in ((CHAIN_PART_IN, "-s"), (CHAIN_PART_OUT, "-d")):
-                rule = [chain, flag, self.addr(i), "-j", "DROP"]
-                while self._rule_exists(h, rule):
-                    self._ipt(h, "-D", *rule)
+            rule = [CHAIN_PART, "-s", self.addr(i), "-j", "DROP"]
+            while self._rule_exists(h, rule):
+                self._ipt(h, "-D", *rule)
 
     def _rule_exists(self, i: int, rule: list[str]) -> bool:
         try:
@@ -439,7 +438,7 @@ class Lab:
                     if "--probability" in words
                     else 1.0
                 )
-            elif words[:2] == ["-A", CHAIN_PART_IN] and "-s" in words:
+            elif words[:2] == ["-A", CHAIN_PART] and "-s" in words:
                 cut.append(words[words.index("-s") + 1].removesuffix("/32"))
         return {"loss": loss, "partitioned_from": cut}
 
@@ -579,22 +578,14 @@ def _terminate(pids: Sequence[int], grace: float = 5.0) -> None:
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while live and time.monotonic() < deadline:
-        _reap(live)
+        # A zombie is dead: its parent (maybe us, maybe not) reaps it; waiting
+        # here on someone else's child would steal its exit status.
         live = [p for p in live if _pid_alive(p) and not _is_zombie(p)]
         if live:
             time.sleep(0.05)
     for pid in live:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    _reap(live)
-
-
-def _reap(pids: Sequence[int]) -> None:
-    # Our own children would linger as zombies and look alive to os.kill(pid, 0).
-    # Only these pids: waiting on any child would steal other code's exit codes.
-    for pid in pids:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
 
 
 def _is_zombie(pid: int) -> bool:
