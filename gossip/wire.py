@@ -55,7 +55,7 @@ import msgpack
 VERSION = 1
 
 MAX_PACKET = 65507  # largest UDP payload over IPv4
-MAX_MESSAGES = 255  # messages per packet; bounds what one array header can allocate
+MAX_MESSAGES = 0xFFFF - 1  # messages per packet: the array header is at most 0xdc + uint16
 MAX_NAME = 128  # UTF-8 bytes
 META_MAX = 512
 MAX_COORD_DIMS = 16
@@ -226,13 +226,13 @@ def _array_header(n: int) -> bytes:
 
 _VERSION_BYTES = msgpack.packb(VERSION)
 # Index n: array header for VERSION plus n messages, followed by the packed version.
-_PACKET_HEADS = [_array_header(n + 1) + _VERSION_BYTES for n in range(MAX_MESSAGES + 1)]
+_PACKET_HEADS = [_array_header(n + 1) + _VERSION_BYTES for n in range(256)]
 PACKET_OVERHEAD = 3 + len(_VERSION_BYTES)  # worst case header, for budgeting
 
 
 def packet_overhead(n_msgs: int) -> int:
     """Bytes a packet of ``n_msgs`` messages adds on top of the packed messages."""
-    return len(_PACKET_HEADS[n_msgs])
+    return 1 + len(_VERSION_BYTES) if n_msgs < 15 else PACKET_OVERHEAD
 
 
 def encode_packet(packed_msgs: Sequence[bytes]) -> bytes:
@@ -240,7 +240,9 @@ def encode_packet(packed_msgs: Sequence[bytes]) -> bytes:
     n = len(packed_msgs)
     if not 1 <= n <= MAX_MESSAGES:
         raise ValueError(f"a packet carries 1..{MAX_MESSAGES} messages, got {n}")
-    return _PACKET_HEADS[n] + b"".join(packed_msgs)
+    if n < 256:
+        return _PACKET_HEADS[n] + b"".join(packed_msgs)
+    return _array_header(n + 1) + _VERSION_BYTES + b"".join(packed_msgs)
 
 
 def encode_stream(msg: PushPull | StreamPing | Ack) -> bytes:
@@ -453,13 +455,19 @@ _STREAM_DECODERS = {
 
 # ---------------------------------------------------------------- decoding
 
+# unpackb applies one array limit to every array and preallocates what a header
+# claims, so it is kept small: 1024 nested headers (msgpack's depth limit) then cost
+# at most 2 MiB. Packets with more messages take the slower incremental path, which
+# reads the top-level header by itself and caps every inner array at MAX_COORD_DIMS.
+_FAST_ARRAY_MAX = 256
+
 _UDP_LIMITS: dict[str, Any] = {
     "raw": False,
     "use_list": True,
     "strict_map_key": True,
     "max_str_len": 1024,  # names are checked against MAX_NAME to report "field"
     "max_bin_len": MAX_PACKET,
-    "max_array_len": MAX_MESSAGES + 1,
+    "max_array_len": _FAST_ARRAY_MAX,
     "max_map_len": 0,
     "max_ext_len": 0,
 }
@@ -473,52 +481,16 @@ def _unpack_error(exc: Exception) -> DecodeError:
     return DecodeError("malformed", f"{type(exc).__name__}: {exc}")
 
 
-def decode_packet(data: bytes) -> list[Message]:
-    """Decode and fully validate one UDP packet; raises only DecodeError."""
-    try:
-        if len(data) > MAX_PACKET:
-            raise DecodeError("oversized")
-        if not data:
-            raise DecodeError("truncated")
-        try:
-            obj = msgpack.unpackb(data, **_UDP_LIMITS)
-        except Exception as exc:
-            raise _unpack_error(exc) from None
-        if type(obj) is not list or not obj:
-            raise DecodeError("malformed", "array of version and messages expected")
-        version = obj[0]
-        if type(version) is not int or version != VERSION:
-            raise DecodeError("version", repr(version)[:20])
-        if len(obj) < 2:
-            raise DecodeError("malformed", "packet without messages")
-        out: list[Message] = []
-        decoders = _UDP_DECODERS
-        for i in range(1, len(obj)):
-            m = obj[i]
-            if type(m) is not list or not m:
-                raise DecodeError("malformed", "message must be a non-empty array")
-            t = m[0]
-            dec = decoders.get(t) if type(t) is int else None
-            if dec is None:
-                raise DecodeError("type", repr(t)[:20])
-            out.append(dec(m))
-        return out
-    except DecodeError:
-        raise
-    except Exception as exc:  # a bug or an input we did not foresee: still only DecodeError
-        raise DecodeError("malformed", f"{type(exc).__name__}: {exc}") from None
-
-
-def _stream_unpacker(data: bytes) -> msgpack.Unpacker:
-    # Array headers are read one by one with explicit limits, so the unpacker itself
-    # only ever sees small arrays (member records and coordinates).
+def _unpacker(data: bytes, max_bin_len: int) -> msgpack.Unpacker:
+    # Large arrays (packet messages, members) have their headers read one by one and
+    # checked by the caller, so the unpacker itself only ever sees small arrays.
     u = msgpack.Unpacker(
         raw=False,
         use_list=True,
         strict_map_key=True,
         max_buffer_size=max(len(data), 1),
         max_str_len=1024,
-        max_bin_len=MAX_APP_STATE,
+        max_bin_len=max_bin_len,
         max_array_len=MAX_COORD_DIMS,
         max_map_len=0,
         max_ext_len=0,
@@ -544,6 +516,55 @@ def _read(u: msgpack.Unpacker) -> Any:
         raise _unpack_error(exc) from None
 
 
+def _unpack_many(data: bytes) -> list[Any]:
+    u = _unpacker(data, max_bin_len=MAX_PACKET)
+    count = _read_header(u)
+    obj = [_read(u) for _ in range(count)]
+    if u.tell() != len(data):
+        raise DecodeError("malformed", "trailing bytes")
+    return obj
+
+
+def decode_packet(data: bytes) -> list[Message]:
+    """Decode and fully validate one UDP packet; raises only DecodeError."""
+    try:
+        if len(data) > MAX_PACKET:
+            raise DecodeError("oversized")
+        if not data:
+            raise DecodeError("truncated")
+        head = data[0]
+        if head == 0xDC and len(data) >= 3 and (data[1] << 8 | data[2]) > _FAST_ARRAY_MAX:
+            obj = _unpack_many(data)
+        else:
+            try:
+                obj = msgpack.unpackb(data, **_UDP_LIMITS)
+            except Exception as exc:
+                raise _unpack_error(exc) from None
+        if type(obj) is not list or not obj:
+            raise DecodeError("malformed", "array of version and messages expected")
+        version = obj[0]
+        if type(version) is not int or version != VERSION:
+            raise DecodeError("version", repr(version)[:20])
+        if len(obj) < 2:
+            raise DecodeError("malformed", "packet without messages")
+        out: list[Message] = []
+        decoders = _UDP_DECODERS
+        for i in range(1, len(obj)):
+            m = obj[i]
+            if type(m) is not list or not m:
+                raise DecodeError("malformed", "message must be a non-empty array")
+            t = m[0]
+            dec = decoders.get(t) if type(t) is int else None
+            if dec is None:
+                raise DecodeError("type", repr(t)[:20])
+            out.append(dec(m))
+        return out
+    except DecodeError:
+        raise
+    except Exception as exc:  # a bug or an input we did not foresee: still only DecodeError
+        raise DecodeError("malformed", f"{type(exc).__name__}: {exc}") from None
+
+
 def decode_stream(data: bytes) -> PushPull | StreamPing | Ack:
     """Decode and fully validate one stream frame; raises only DecodeError."""
     try:
@@ -551,7 +572,7 @@ def decode_stream(data: bytes) -> PushPull | StreamPing | Ack:
             raise DecodeError("oversized")
         if not data:
             raise DecodeError("truncated")
-        u = _stream_unpacker(data)
+        u = _unpacker(data, max_bin_len=MAX_APP_STATE)
         if _read_header(u) != 2:
             raise DecodeError("malformed", "array of version and message expected")
         version = _read(u)

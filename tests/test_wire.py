@@ -87,15 +87,34 @@ def test_compound_packet_keeps_order() -> None:
     assert decode_packet(encode_packet(packed)) == SAMPLES
 
 
-@pytest.mark.parametrize("n", [1, 14, 15, 16, 17, 200, wire.MAX_MESSAGES])
+@pytest.mark.parametrize("n", [1, 14, 15, 16, 17, 200, 254, 255, 256, 257, 1000, 21000])
 def test_packet_header_sizes(n: int) -> None:
-    packed = [encode_message(Nack(i)) for i in range(n)]
+    # Packets of more than 255 messages take the incremental decoding path.
+    packed = [encode_message(Nack(i % 100)) for i in range(n)]
     data = encode_packet(packed)
+    assert len(data) <= wire.MAX_PACKET
     assert len(data) == wire.packet_overhead(n) + sum(map(len, packed))
     assert wire.packet_overhead(n) <= wire.PACKET_OVERHEAD
     # The hand-written header must agree with msgpack's own encoding.
-    assert data == msgpack.packb([wire.VERSION, *[[4, i] for i in range(n)]])
-    assert decode_packet(data) == [Nack(i) for i in range(n)]
+    assert data == msgpack.packb([wire.VERSION, *[[4, i % 100] for i in range(n)]])
+    assert decode_packet(data) == [Nack(i % 100) for i in range(n)]
+
+
+def test_large_packet_errors() -> None:
+    packed = [encode_message(m) for m in SAMPLES[:-2]] * 30
+    data = encode_packet(packed)
+    assert decode_packet(data) == SAMPLES[:-2] * 30
+    assert reason_of(data[:-1]) == "truncated"
+    assert reason_of(data + b"\x00") == "malformed"
+    assert reason_of(data.replace(b"node-c", b"node-\xff")) == "malformed"
+    bad = encode_packet([*packed, msgpack.packb([MsgType.NACK, -1])])
+    assert reason_of(bad) == "field"
+    assert reason_of(encode_packet([*packed, msgpack.packb([99])])) == "type"
+    head = b"\xdc" + struct.pack(">H", len(packed) + 1)
+    assert reason_of(head + b"\x02" + b"".join(packed)) == "version"
+    # A claimed array header inside: the incremental path caps inner arrays too.
+    assert reason_of(b"\xdc\x01\x01\x01" + b"\xdc\xff\xff" * 1000) == "malformed"
+    assert reason_of(b"\xdc\xff\xff" + b"\x01" * 10) == "truncated"
 
 
 def test_encode_packet_rejects_empty_and_too_many() -> None:
@@ -147,7 +166,7 @@ def test_truncated(data: bytes) -> None:
         msgpack.packb(msgpack.ExtType(1, b"x")),  # ext type
         msgpack.packb([1, [4, 1], {"k": 1}]),
         b"\x92\x01\xa2\xff\xfe",  # invalid UTF-8 in a str
-        b"\xdc\xff\xff" + b"\x01" * 10,  # array header larger than any packet may hold
+        b"\xdc\x00\xff" + b"\x91" * 1024 + b"\xdc\x00\xff",  # nested array headers
     ],
 )
 def test_malformed(data: bytes) -> None:

@@ -76,6 +76,21 @@ packets = st.lists(udp_messages, min_size=1, max_size=8).map(
 )
 frames = stream_messages.map(encode_stream)
 
+# More than 255 messages: decoded on the incremental path. Built by repeating a few
+# small messages so generation stays quick and the packet fits MAX_PACKET.
+small_udp_messages = st.one_of(
+    st.builds(Ping, seqs, names, names),
+    st.builds(Ack, seqs, st.none()),
+    st.builds(Nack, seqs),
+    st.builds(Dead, incs, names, names),
+)
+many_messages = st.builds(
+    lambda msgs, n: (msgs * n)[:n],
+    st.lists(small_udp_messages, min_size=1, max_size=3),
+    st.integers(256, 400),
+)
+big_packets = many_messages.map(lambda msgs: encode_packet([encode_message(m) for m in msgs]))
+
 
 @st.composite
 def mutated(draw: st.DrawFn, base: st.SearchStrategy[bytes]) -> bytes:
@@ -127,6 +142,12 @@ def test_packets_round_trip(msgs: list[Any]) -> None:
 
 
 @FUZZ
+@given(many_messages)
+def test_big_packets_round_trip(msgs: list[Any]) -> None:
+    assert decode_packet(encode_packet([encode_message(m) for m in msgs])) == msgs
+
+
+@FUZZ
 @given(stream_messages)
 def test_frames_round_trip(msg: Any) -> None:
     out = decode_stream(encode_stream(msg))
@@ -164,6 +185,12 @@ def test_random_bytes(data: bytes) -> None:
 def test_mutated_packets(data: bytes) -> None:
     only_decode_error(decode_packet, data)
     only_decode_error(decode_stream, data)
+
+
+@FUZZ
+@given(mutated(big_packets))
+def test_mutated_big_packets(data: bytes) -> None:
+    only_decode_error(decode_packet, data)
 
 
 @FUZZ
