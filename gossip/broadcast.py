@@ -8,6 +8,9 @@ member, so stale news is never spread after fresh news.
 
 from __future__ import annotations
 
+_MIN_MESSAGE = 8
+"""No protocol message is smaller; stop looking once less room is left."""
+
 
 class _Entry:
     __slots__ = ("data", "key", "transmits")
@@ -68,12 +71,13 @@ class BroadcastQueue:
                     budget -= size
                     out.append(entry.data)
                     taken.append(entry)
-                    if budget < 16:
+                    if budget < _MIN_MESSAGE:
                         break
-            if budget < 16:
+            if budget < _MIN_MESSAGE:
                 break
         buckets = self._buckets
-        for entry in taken:
+        # Move oldest first so each bucket stays ordered by age.
+        for entry in reversed(taken):
             del buckets[entry.transmits][id(entry)]
             entry.transmits += 1
             if entry.transmits >= limit:

@@ -527,7 +527,9 @@ class Core:
         if len(self._bq) > self.config.broadcast_queue_max:
             self._count("broadcasts_pruned", self._bq.prune(self.config.broadcast_queue_max))
         if len(self._bq) and self._gossip_timer is None:
-            self._gossip_timer = self._schedule(now + self.config.gossip_interval, self._gossip_round)
+            self._gossip_timer = self._schedule(
+                now + self.config.gossip_interval, self._gossip_round
+            )
 
     def _random_members(self, k: int, accept: Callable[[Member], bool]) -> list[Member]:
         """Up to k distinct random members (not us) that pass `accept`."""
@@ -562,15 +564,34 @@ class Core:
         )
         if self._leaving:
             return
-        peers = self._random_members(1, lambda m: m.state == State.ALIVE)
-        if peers:
-            self._start_push_pull(peers[0].addr, False, now)
+        target = self._reconnect_target()
+        if target is None:
+            peers = self._random_members(1, lambda m: m.state == State.ALIVE)
+            target = peers[0] if peers else None
+        if target is not None:
+            self._start_push_pull(target.addr, False, now)
+
+    def _reconnect_target(self) -> Member | None:
+        """Now and then exchange state with a member we think dead instead:
+        after a partition both sides think the other dead and nothing else
+        would ever cross. The chance grows with the share of dead members."""
+        dead = [
+            m
+            for n in self._dead_since
+            if (m := self._members.get(n)) is not None and m.state == State.DEAD
+        ]
+        if not dead:
+            return None
+        if self._rng.random() * (len(dead) + self.num_active()) >= len(dead):
+            return None
+        return self._rng.choice(dead)
 
     def _start_push_pull(self, addr: Addr, join: bool, now: float) -> int:
         frame = self._seal_stream(self._local_state(join), now)
         self._count("push_pulls")
-        return self._stream("join" if join else "push_pull", join, addr, frame,
-                            now + self.config.tcp_timeout)
+        return self._stream(
+            "join" if join else "push_pull", join, addr, frame, now + self.config.tcp_timeout
+        )
 
     def _local_state(self, join: bool) -> wire.PushPull:
         states = [
@@ -628,7 +649,9 @@ class Core:
         relay = _Relay(addr, msg.seq)
         self._acks[seq] = relay
         self._relays += 1
-        self._send((msg.host, msg.port), [wire.encode_message(wire.Ping(seq, msg.target, self.name))], now)
+        self._send(
+            (msg.host, msg.port), [wire.encode_message(wire.Ping(seq, msg.target, self.name))], now
+        )
         timeout = self.config.probe_timeout
         if msg.nack:
             relay.nack_timer = self._schedule(now + timeout, self._relay_nack, seq)
@@ -729,7 +752,11 @@ class Core:
         self._clear_suspicion(name)
         old = m.state
         new = Member(
-            name, addr, a.meta, a.incarnation, State.ALIVE,
+            name,
+            addr,
+            a.meta,
+            a.incarnation,
+            State.ALIVE,
             m.state_change if old == State.ALIVE else now,
         )
         self._members[name] = new
@@ -765,7 +792,11 @@ class Core:
         new = m.evolve(incarnation=s.incarnation, state=State.SUSPECT, state_change=now)
         self._members[name] = new
         n = len(self._members)
-        k = self.config.suspicion_confirmations if n - 2 >= self.config.suspicion_confirmations else 0
+        k = (
+            self.config.suspicion_confirmations
+            if n - 2 >= self.config.suspicion_confirmations
+            else 0
+        )
         min_t = self.config.suspicion_min(n)
         max_t = min_t * self.config.suspicion_max_timeout_mult
         susp = Suspicion(s.incarnation, s.source, k, min_t, max_t, now)

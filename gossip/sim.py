@@ -61,12 +61,15 @@ class Simulation:
         delay: DelayFn | None = None,
         keyring: Keyring | None = None,
         record_events: bool = True,
+        link_delay: Callable[[int, int], float] | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.config = config or lan_config()
         self.loss = loss
         self.delay = delay or lan_delay()
+        self.link_delay = link_delay
+        """Extra one-way delay between two node indexes (a topology)."""
         self.keyring = keyring if keyring is not None else Keyring([self.rng.randbytes(32)])
         self.record_events = record_events
         self.now = 0.0
@@ -234,7 +237,9 @@ class Simulation:
                 out[n.name] = None if m is None else m.state
         return out
 
-    def all_see(self, name: str, state: State | None, among: Iterable[SimNode] | None = None) -> bool:
+    def all_see(
+        self, name: str, state: State | None, among: Iterable[SimNode] | None = None
+    ) -> bool:
         for n in among if among is not None else self.nodes:
             if not n.up or n.name == name:
                 continue
@@ -277,7 +282,10 @@ class Simulation:
                 if loss and rng.random() < loss:
                     self.packets_lost += 1
                     continue
-                self._push(now + self.delay(rng), _PACKET, dst.index, data, src)
+                d = self.delay(rng)
+                if self.link_delay is not None:
+                    d += self.link_delay(node.index, dst.index)
+                self._push(now + d, _PACKET, dst.index, data, src)
         streams = core.take_streams()
         for req in streams:
             self._start_stream(node, req)

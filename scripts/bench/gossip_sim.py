@@ -50,11 +50,13 @@ def run(members: int, loss: float, seed: int, duration: float, profile: str) -> 
     if sim.now < duration:
         sim.run_until(duration)
     false_pos = sum(
-        len(who) for (kind, name), who in sim.first_seen.items()
+        len(who)
+        for (kind, name), who in sim.first_seen.items()
         if kind == EventKind.DEAD and name != victim.name
     )
     false_susp = sum(
-        len(who) for (kind, name), who in sim.first_seen.items()
+        len(who)
+        for (kind, name), who in sim.first_seen.items()
         if kind == EventKind.SUSPECT and name != victim.name
     )
     return {
