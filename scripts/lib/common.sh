@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for the project's shell scripts; source it, don't run it.
 # Kept dependency-free so it works on a machine that has nothing but bash.
 
