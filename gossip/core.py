@@ -500,7 +500,9 @@ class Core:
             self._awareness.apply(1)
         self._count("probe_failures")
         target = self._members.get(probe.target)
-        if target is not None and target.state == State.ALIVE:
+        if target is not None and target.state <= State.SUSPECT:
+            # Already suspect: our own failed probe is an independent
+            # confirmation that shortens the suspicion (Lifeguard).
             self._suspect(wire.Suspect(target.incarnation, target.name, self.name), now)
 
     # ------------------------------------------------------------------ gossip

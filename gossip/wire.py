@@ -209,7 +209,9 @@ for _cls in (*_TYPE_OF, MemberState):
 
 # One shared packer: packing runs entirely in C under the GIL, so sharing is safe
 # and saves building a Packer per message.
-_pack = msgpack.Packer(use_bin_type=True).pack
+# Floats (only Vivaldi coordinates) go as float32: 7 significant digits are
+# far finer than RTT noise, and each ack is 32 bytes smaller.
+_pack = msgpack.Packer(use_bin_type=True, use_single_float=True).pack
 
 
 def encode_message(msg: Message) -> bytes:

@@ -30,7 +30,7 @@ from gossip.wire import (
     encode_stream,
 )
 
-COORD = ((0.5, -1.25, 3.0), 0.2, -0.01, 0.0001)
+COORD = ((0.5, -1.25, 3.0), 0.25, -0.015625, 2.0**-13)  # exact in float32, as sent
 
 SAMPLES = [
     Ping(7, "node-b", "node-a"),

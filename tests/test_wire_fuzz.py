@@ -47,8 +47,8 @@ ports = st.integers(1, 65535)
 seqs = st.integers(0, wire.MAX_SEQ)
 incs = st.integers(0, wire.MAX_INCARNATION)
 metas = st.binary(max_size=wire.META_MAX)
-finite = st.floats(allow_nan=False, allow_infinity=False)
-nonneg = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)
+finite = st.floats(width=32, allow_nan=False, allow_infinity=False)
+nonneg = st.floats(width=32, min_value=0.0, allow_nan=False, allow_infinity=False)
 coords = st.none() | st.tuples(
     st.lists(finite, min_size=1, max_size=wire.MAX_COORD_DIMS).map(tuple), nonneg, finite, nonneg
 )
