@@ -47,7 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from labhosts import Lab, LabError  # noqa: E402
+from labhosts import CHAIN_LOSS, Lab, LabError  # noqa: E402
 
 PORT = 7946
 SERF_RPC = "127.0.0.1:7373"  # loopback of each host's own namespace
@@ -367,6 +367,14 @@ def measure_detection(cl: Cluster, repeats: int) -> dict[str, Any]:
     }
 
 
+def _loss_drops(lab: Lab, i: int) -> int:
+    """Packets the lab's loss rule dropped in host i: proof the loss was real."""
+    argv = ["iptables", "-w", "-t", "raw", "-L", CHAIN_LOSS, "-v", "-x", "-n"]
+    res = lab.run(i, argv, capture_output=True, text=True, check=True, timeout=10)
+    rows = [line.split() for line in res.stdout.splitlines()[2:]]
+    return sum(int(r[0]) for r in rows if r and r[0].isdigit())
+
+
 def measure_soak(cl: Cluster, seconds: float, loss: float) -> dict[str, Any]:
     hosts = list(cl.lab.hosts)
     t0 = time.monotonic()
@@ -375,6 +383,7 @@ def measure_soak(cl: Cluster, seconds: float, loss: float) -> dict[str, Any]:
             cl.lab.set_loss(i, loss)
         _log(f"  {cl.system.name} soak: {loss:.0%} UDP loss into every host for {seconds:.0f}s")
         time.sleep(seconds)
+        dropped = sum(_loss_drops(cl.lab, i) for i in hosts)
     finally:
         for i in hosts:
             cl.lab.set_loss(i, 0.0)
@@ -391,6 +400,7 @@ def measure_soak(cl: Cluster, seconds: float, loss: float) -> dict[str, Any]:
         "false_suspicions": len(suspect),
         "soak_s": _r(t1 - t0),
         "soak_loss": loss,
+        "soak_dropped_packets": dropped,
         "converged_after_soak": recovered,
     }
 
@@ -510,6 +520,7 @@ TABLE_ROWS = [
     ("detect_stray_failures", "other failures seen"),
     ("false_positives", "false positives"),
     ("false_suspicions", "suspicions (see doc)"),
+    ("soak_dropped_packets", "packets dropped in soak"),
     ("converged_after_soak", "converged after soak"),
     ("bytes_per_member_s", "bytes/member/s"),
     ("packets_per_member_s", "packets/member/s"),
@@ -604,6 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log("error: needs root (network namespaces)")
         return 1
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # A shell starts background jobs with SIGINT ignored; clean up on it anyway.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     systems = [args.only] if args.only else list(SYSTEMS)
     try:
         ensure_tool("iptables", "iptables")
