@@ -15,9 +15,10 @@ from dataclasses import dataclass, replace
 @dataclass(slots=True)
 class Config:
     # ---- failure detection -------------------------------------------------
-    probe_interval: float = 0.5
-    """Time between probes of one member. 0.5 s on a LAN detects a crash in
-    about a second while costing two small datagrams per second per member."""
+    probe_interval: float = 0.4
+    """Time between probes. 0.4 s on a LAN finds a crashed member within
+    about a second in small clusters, for five small datagrams per second
+    per member (pings out, acks back)."""
     probe_timeout: float = 0.2
     """Wait for a direct ack before asking others to probe. LAN round trips
     are under a millisecond; 200 ms leaves room for a busy peer."""
@@ -31,7 +32,7 @@ class Config:
     """Minimum suspicion timeout = mult x max(1, log10 N) x probe_interval.
     Refutation on a LAN takes milliseconds, so one probe interval (scaled by
     cluster size) is enough for a suspect to answer."""
-    suspicion_max_timeout_mult: float = 4.0
+    suspicion_max_timeout_mult: float = 3.0
     """Maximum suspicion timeout = this x the minimum. A lone suspicion waits
     the maximum; independent confirmations shorten it towards the minimum
     (Lifeguard's dynamic suspicion)."""

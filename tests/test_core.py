@@ -161,7 +161,7 @@ def test_isolated_member_raises_its_health_score_and_slows_down() -> None:
     probes_before = lonely.core.stats["probes"]
     sim.run_for(20)
     assert lonely.core.health_score >= 3
-    # Nominal would be 40 probes in 20 s at 0.5 s; a degraded member probes less.
+    # Nominal would be 50 probes in 20 s at 0.4 s; a degraded member probes less.
     assert lonely.core.stats["probes"] - probes_before < 30
     sim.heal()
     assert sim.run_until_true(lambda: lonely.core.health_score == 0, timeout=120, step=0.5)
