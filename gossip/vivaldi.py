@@ -157,9 +157,12 @@ class Coordinate:
         vec, error, adjustment, height = t
         if not isinstance(vec, (tuple, list)) or not vec:
             raise ValueError("coordinate vec must be a non-empty sequence")
+        if not set(map(type, vec)) <= _NUMBER_TYPES:  # map/set run in C: hot path
+            bad = next(v for v in vec if type(v) not in _NUMBER_TYPES)
+            raise ValueError(f"coordinate component is not a number: {type(bad).__name__}")
         try:
             return cls(
-                vec=[_as_float(v) for v in vec],
+                vec=list(map(float, vec)),
                 error=_as_float(error),
                 adjustment=_as_float(adjustment),
                 height=_as_float(height),
@@ -246,7 +249,7 @@ class VivaldiClient:
             self._update_vivaldi(other, filtered)
             self._update_adjustment(other, filtered)
             self._update_gravity()
-            healthy = self._coord.is_valid() and _is_plausible(self._coord)
+            healthy = _is_sane(self._coord)
         except ArithmeticError:
             healthy = False
         if not healthy:
@@ -274,10 +277,11 @@ class VivaldiClient:
             raise ValueError(
                 f"peer coordinate has {len(other.vec)} dimensions, we use {len(self._coord.vec)}"
             )
+        if _is_sane(other):
+            return
         if not other.is_valid():
             raise ValueError("peer coordinate has a NaN or infinite component")
-        if not _is_plausible(other):
-            raise ValueError("peer coordinate is implausible (negative or out of range)")
+        raise ValueError("peer coordinate is implausible (negative or out of range)")
 
     def _latency_filter(self, node: str, rtt: float) -> float:
         samples = self._latency.setdefault(node, [])
@@ -358,13 +362,22 @@ def _magnitude(v: list[float]) -> float:
     return math.hypot(*v)
 
 
-def _is_plausible(c: Coordinate) -> bool:
-    # Negative error or height would turn the error weighting into an amplifier.
+_NUMBER_TYPES = frozenset((int, float))
+
+
+def _is_sane(c: Coordinate) -> bool:
+    """Finite and plausible in one pass of C-level builtins (the update hot
+    path): a NaN or infinity makes the sum non-finite (float addition never
+    raises; it overflows to inf), and comparisons
+    with NaN are false."""
+    vec = c.vec
     return (
-        all(abs(v) <= MAX_COMPONENT for v in c.vec)
+        math.isfinite(sum(vec))
+        and -MAX_COMPONENT <= min(vec)
+        and max(vec) <= MAX_COMPONENT
         and 0.0 <= c.error <= MAX_COMPONENT
         and 0.0 <= c.height <= MAX_COMPONENT
-        and abs(c.adjustment) <= MAX_COMPONENT
+        and -MAX_COMPONENT <= c.adjustment <= MAX_COMPONENT
     )
 
 
