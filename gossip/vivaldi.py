@@ -373,7 +373,7 @@ def _is_sane(c: Coordinate) -> bool:
     vec = c.vec
     return (
         math.isfinite(sum(vec))
-        and -MAX_COMPONENT <= min(vec)
+        and min(vec) >= -MAX_COMPONENT
         and max(vec) <= MAX_COMPONENT
         and 0.0 <= c.error <= MAX_COMPONENT
         and 0.0 <= c.height <= MAX_COMPONENT
