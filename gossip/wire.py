@@ -48,6 +48,7 @@ import math
 import struct
 from collections.abc import Sequence
 from enum import IntEnum
+from socket import AF_INET, AF_INET6, inet_pton
 from typing import Any, NamedTuple
 
 import msgpack
@@ -268,24 +269,26 @@ def _is_name(v: Any) -> bool:
     return type(v) is str and v != "" and (len(v) <= MAX_NAME // 4 or len(v.encode()) <= MAX_NAME)
 
 
-_host_cache: dict[str, None] = {}
-_HOST_CACHE_MAX = 4096
-
-
 def _is_host(v: Any) -> bool:
-    if type(v) is not str:
+    """An IPv4 or IPv6 literal. inet_pton is C and ~20x faster than
+    ipaddress, which matters when a push-pull carries 10,000 addresses."""
+    if type(v) is not str or len(v) > 64:  # longest IPv6 literal plus a zone id
         return False
-    if v in _host_cache:
-        return True
-    if len(v) > 64:  # longest IPv6 literal plus a zone id
+    try:
+        inet_pton(AF_INET6 if ":" in v else AF_INET, v)
+    except (OSError, ValueError):
+        return _is_scoped_v6(v)
+    return True
+
+
+def _is_scoped_v6(v: str) -> bool:
+    """IPv6 with a zone id (fe80::1%eth0), which inet_pton refuses."""
+    if "%" not in v:
         return False
     try:
         ipaddress.ip_address(v)
     except ValueError:
         return False
-    if len(_host_cache) >= _HOST_CACHE_MAX:
-        _host_cache.clear()
-    _host_cache[v] = None
     return True
 
 
@@ -398,7 +401,7 @@ def _d_alive(m: list) -> Alive:
         and 0 <= inc <= _U64
         and ((type(node) is str and 0 < len(node) <= _SHORT_NAME) or _is_name(node))
         and type(host) is str
-        and (host in _host_cache or _is_host(host))
+        and _is_host(host)
         and type(port) is int
         and 0 < port <= 65535
     ):

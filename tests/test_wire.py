@@ -329,11 +329,15 @@ def test_hosts_accepted(host: str) -> None:
     assert decode_packet(pkt([MsgType.ALIVE, 1, "n", host, 80, b""]))[0].host == host
 
 
-def test_host_cache_stays_bounded() -> None:
-    for i in range(wire._HOST_CACHE_MAX + 10):
-        host = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+@pytest.mark.parametrize("host", ["10.0.0.1", "::1", "fe80::1%eth0", "::ffff:10.0.0.1"])
+def test_ip_literals_are_hosts(host: str) -> None:
+    assert decode_packet(pkt([MsgType.ALIVE, 1, "n", host, 80, b""]))[0].host == host
+
+
+@pytest.mark.parametrize("host", ["01.2.3.4", "256.1.1.1", "1.2.3", "a.example", " 1.2.3.4", "1::2::3"])
+def test_non_literals_are_refused(host: str) -> None:
+    with pytest.raises(DecodeError):
         decode_packet(pkt([MsgType.ALIVE, 1, "n", host, 80, b""]))
-    assert len(wire._host_cache) <= wire._HOST_CACHE_MAX
 
 
 def test_user_payload_may_fill_a_packet() -> None:
