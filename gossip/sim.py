@@ -48,6 +48,9 @@ class SimNode:
     up: bool = True
     next_tick: float = float("inf")
     group: int = 0
+    udp_blocked: bool = False
+    """Datagrams to and from this node vanish; streams still pass (a
+    firewall that drops UDP)."""
     events: list[MemberEvent] = field(default_factory=list)
 
 
@@ -278,6 +281,9 @@ class Simulation:
                 self.bytes_sent += len(data)
                 dst = by_addr.get(addr)
                 if dst is None or not dst.up or dst.group != node.group:
+                    continue
+                if node.udp_blocked or dst.udp_blocked:
+                    self.packets_lost += 1
                     continue
                 if loss and rng.random() < loss:
                     self.packets_lost += 1

@@ -111,6 +111,22 @@ def test_refutation_clears_a_false_suspicion() -> None:
     assert (EventKind.RECOVER, "n2") in sim.first_seen
 
 
+@pytest.mark.parametrize("fallback", [True, False])
+def test_tcp_fallback_keeps_a_member_whose_udp_is_blocked(fallback: bool) -> None:
+    sim = Simulation(seed=14, config=lan_config(tcp_fallback=fallback))
+    nodes = sim.add_nodes(6)
+    sim.bootstrap()
+    sim.run_for(1)
+    nodes[2].udp_blocked = True
+    sim.run_for(30)
+    declared = (EventKind.DEAD, "n2") in sim.first_seen
+    if fallback:
+        assert not declared
+        assert sim.total_stat("tcp_fallback_acks") > 0
+    else:
+        assert declared  # without the fallback the same fault is fatal
+
+
 def test_graceful_leave_spreads_as_left() -> None:
     sim = Simulation(seed=2)
     nodes = sim.add_nodes(12)
