@@ -334,7 +334,9 @@ def test_ip_literals_are_hosts(host: str) -> None:
     assert decode_packet(pkt([MsgType.ALIVE, 1, "n", host, 80, b""]))[0].host == host
 
 
-@pytest.mark.parametrize("host", ["01.2.3.4", "256.1.1.1", "1.2.3", "a.example", " 1.2.3.4", "1::2::3"])
+@pytest.mark.parametrize(
+    "host", ["01.2.3.4", "256.1.1.1", "1.2.3", "a.example", " 1.2.3.4", "1::2::3"]
+)
 def test_non_literals_are_refused(host: str) -> None:
     with pytest.raises(DecodeError):
         decode_packet(pkt([MsgType.ALIVE, 1, "n", host, 80, b""]))
