@@ -69,7 +69,7 @@ class StreamRequest:
     addr: Addr
     data: bytes
     deadline: float
-    kind: str  # "push_pull", "join" or "ping"
+    kind: str  # "push_pull", "join", "ping" or "user"
 
 
 class _Probe:
@@ -293,6 +293,10 @@ class Core:
                     self._count("dropped.wrong_target")
                     return None
                 return self._seal_stream(wire.Ack(msg.seq, self._coord_wire), now)
+            if isinstance(msg, wire.UserStream):
+                self._count("user_streams_in")
+                self.delegate.notify_user_msg(msg.payload)
+                return self._seal_stream(wire.Ack(0, None), now)
         except Exception:
             self._count("dropped.internal_error")
             return None
@@ -322,6 +326,8 @@ class Core:
                 self._count("tcp_fallback_acks")
             if probe.ended:  # the probe round already waited for us
                 self._finish_probe(probe, now)
+            return isinstance(msg, wire.Ack)
+        if kind == "user":
             return isinstance(msg, wire.Ack)
         if isinstance(msg, wire.PushPull):
             try:
@@ -374,6 +380,16 @@ class Core:
         """Spread an application message through the piggyback queue. A later
         message with the same key replaces one still queued."""
         self._queue(wire.encode_message(wire.User(payload)), None if key is None else "u:" + key)
+
+    def send_reliable(self, addr: Addr, payload: bytes, now: float) -> int:
+        """Send an application message to one member over TCP; it arrives
+        through the receiver's delegate.notify_user_msg. Returns the stream
+        token (handle_stream_reply reports delivery)."""
+        if len(payload) > wire.MAX_APP_STATE:
+            raise ValueError(f"payload is {len(payload)} bytes, at most {wire.MAX_APP_STATE}")
+        self._now = now
+        frame = self._seal_stream(wire.UserStream(payload), now)
+        return self._stream("user", None, addr, frame, now + self.config.tcp_timeout)
 
     def bootstrap(self, members: dict[str, Member], now: float) -> None:
         """Adopt a whole membership table as if a push-pull with a fully

@@ -233,8 +233,8 @@ class Gossip:
         self._out_tasks: set[asyncio.Task[None]] = set()
         self._in_tasks: set[asyncio.Task[Any]] = set()
         self._waiters: list[asyncio.Future[None]] = []
-        self._join_results: dict[int, bool | None] = {}
-        self._join_deadlines: dict[int, float] = {}
+        self._awaited: dict[int, bool | None] = {}
+        self._awaited_deadlines: dict[int, float] = {}
         self._counters: dict[str, int] = {}
         self._started = False
         self._stopped = False
@@ -390,26 +390,44 @@ class Gossip:
             return 0
         tokens = self._call(core.join, targets, time.monotonic()) or []
         for t in tokens:
-            self._join_results[t] = None
+            self._awaited[t] = None
         self._flush()
         try:
             if timeout is None:
                 # The stream deadlines already bound every exchange; the grace
                 # only covers a token the core never turned into a request.
                 latest = max(
-                    (self._join_deadlines.get(t, -math.inf) for t in tokens), default=-math.inf
+                    (self._awaited_deadlines.get(t, -math.inf) for t in tokens), default=-math.inf
                 )
                 if latest == -math.inf:
                     latest = time.monotonic() + self.config.tcp_timeout
                 timeout = max(0.0, latest - time.monotonic()) + 1.0
             await self.wait_for(
-                lambda: all(self._join_results.get(t) is not None for t in tokens), timeout
+                lambda: all(self._awaited.get(t) is not None for t in tokens), timeout
             )
-            return sum(1 for t in tokens if self._join_results.get(t))
+            return sum(1 for t in tokens if self._awaited.get(t))
         finally:
             for t in tokens:
-                self._join_results.pop(t, None)
-                self._join_deadlines.pop(t, None)
+                self._awaited.pop(t, None)
+                self._awaited_deadlines.pop(t, None)
+
+    async def send_reliable(self, addr: Addr | str, payload: bytes) -> bool:
+        """Send an application message to one member over TCP; it arrives in
+        the receiver's delegate.notify_user_msg. True once delivered."""
+        target = await self._resolve(parse_addr(addr))
+        if target is None:
+            return False
+        token = self.core.send_reliable(target, payload, time.monotonic())
+        self._awaited[token] = None
+        self._flush()
+        try:
+            await self.wait_for(
+                lambda: self._awaited.get(token) is not None, self.config.tcp_timeout + 1.0
+            )
+            return bool(self._awaited.get(token))
+        finally:
+            self._awaited.pop(token, None)
+            self._awaited_deadlines.pop(token, None)
 
     async def _resolve(self, addr: Addr, family: int | None = None) -> Addr | None:
         host, port = addr
@@ -520,8 +538,8 @@ class Gossip:
                     log.debug("sendto %s failed: %s", addr, exc)
             rejected: list[int] = []
             for req in streams:
-                if req.token in self._join_results:
-                    self._join_deadlines[req.token] = req.deadline
+                if req.token in self._awaited:
+                    self._awaited_deadlines[req.token] = req.deadline
                 if len(self._out_tasks) >= self._max_out:
                     self._count("tcp_out_rejected")
                     rejected.append(req.token)
@@ -541,8 +559,8 @@ class Gossip:
         core = self._core
         assert core is not None
         accepted = self._call(core.handle_stream_reply, token, body, time.monotonic())
-        if token in self._join_results:
-            self._join_results[token] = bool(accepted) and body is not None
+        if token in self._awaited:
+            self._awaited[token] = bool(accepted) and body is not None
 
     def _on_datagram(self, data: bytes, addr: Addr) -> None:
         core = self._core

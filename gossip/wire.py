@@ -12,6 +12,7 @@ Every message is a msgpack array whose first element is its type::
     USER           [8, payload]
     PUSH_PULL      [10, join, [[name, host, port, meta, incarnation, state], ...], app_state]
     STREAM_PING    [11, seq, target, source]
+    USER_STREAM    [12, payload]   application message to one member over TCP
 
 Strings are msgpack str (UTF-8), byte fields are msgpack bin, flags are msgpack
 bool. A UDP packet (before sealing, see ``gossip.crypto``) compounds up to
@@ -20,7 +21,8 @@ bool. A UDP packet (before sealing, see ``gossip.crypto``) compounds up to
     [VERSION, msg1, msg2, ...]
 
 Only types 1..8 may appear in a packet. A stream (TCP) frame carries exactly one
-PUSH_PULL, STREAM_PING or ACK (the reply to STREAM_PING)::
+PUSH_PULL, STREAM_PING, USER_STREAM or ACK (the reply to STREAM_PING and
+USER_STREAM)::
 
     [VERSION, msg]
 
@@ -78,6 +80,7 @@ class MsgType(IntEnum):
     USER = 8
     PUSH_PULL = 10
     STREAM_PING = 11
+    USER_STREAM = 12
 
 
 class MemberStatus(IntEnum):
@@ -172,7 +175,24 @@ class StreamPing(NamedTuple):
     source: str
 
 
-Message = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | User | PushPull | StreamPing
+class UserStream(NamedTuple):
+    payload: bytes
+
+
+Message = (
+    Ping
+    | IndirectPing
+    | Ack
+    | Nack
+    | Suspect
+    | Alive
+    | Dead
+    | User
+    | PushPull
+    | StreamPing
+    | UserStream
+)
+StreamMessage = PushPull | StreamPing | UserStream | Ack
 
 _TYPE_OF: dict[type, int] = {
     Ping: MsgType.PING.value,
@@ -185,6 +205,7 @@ _TYPE_OF: dict[type, int] = {
     User: MsgType.USER.value,
     PushPull: MsgType.PUSH_PULL.value,
     StreamPing: MsgType.STREAM_PING.value,
+    UserStream: MsgType.USER_STREAM.value,
 }
 
 
@@ -248,11 +269,11 @@ def encode_packet(packed_msgs: Sequence[bytes]) -> bytes:
     return _array_header(n + 1) + _VERSION_BYTES + b"".join(packed_msgs)
 
 
-def encode_stream(msg: PushPull | StreamPing | Ack) -> bytes:
+def encode_stream(msg: StreamMessage) -> bytes:
     """Pack one stream frame."""
     if type(msg) is PushPull:
         return _pack((VERSION, (MsgType.PUSH_PULL.value, msg.join, msg.members, msg.app_state)))
-    if type(msg) is StreamPing or type(msg) is Ack:
+    if type(msg) is StreamPing or type(msg) is Ack or type(msg) is UserStream:
         return _pack((VERSION, (_TYPE_OF[type(msg)], *msg)))
     raise TypeError(f"{type(msg).__name__} cannot be sent on a stream")
 
@@ -430,6 +451,12 @@ def _d_stream_ping(m: list) -> StreamPing:
     return StreamPing(*_d_ping(m))
 
 
+def _d_user_stream(m: list) -> UserStream:
+    if len(m) != 2 or type(m[1]) is not bytes or len(m[1]) > MAX_APP_STATE:
+        raise _field("user stream: one bytes payload expected")
+    return UserStream(m[1])
+
+
 def _member(v: Any) -> MemberState:
     if type(v) is not list or len(v) != 6:
         raise _field("member: 6-element array expected")
@@ -454,6 +481,7 @@ _UDP_DECODERS = {
 
 _STREAM_DECODERS = {
     MsgType.STREAM_PING.value: _d_stream_ping,
+    MsgType.USER_STREAM.value: _d_user_stream,
     MsgType.ACK.value: _d_ack,
 }
 
@@ -570,7 +598,7 @@ def decode_packet(data: bytes) -> list[Message]:
         raise DecodeError("malformed", f"{type(exc).__name__}: {exc}") from None
 
 
-def decode_stream(data: bytes) -> PushPull | StreamPing | Ack:
+def decode_stream(data: bytes) -> StreamMessage:
     """Decode and fully validate one stream frame; raises only DecodeError."""
     try:
         if len(data) > MAX_STREAM:
@@ -587,7 +615,7 @@ def decode_stream(data: bytes) -> PushPull | StreamPing | Ack:
         if n < 1:
             raise DecodeError("malformed", "message must be a non-empty array")
         t = _read(u)
-        msg: PushPull | StreamPing | Ack
+        msg: StreamMessage
         if type(t) is int and t == MsgType.PUSH_PULL:
             if n != 4:
                 raise _field("push-pull: 3 fields expected")

@@ -446,7 +446,7 @@ async def test_join_counts_successes_and_survives_unreachable() -> None:
         assert await g.join([dead]) == 0
         assert await g.join([]) == 0
         assert await g.join(["no-such-host.invalid:7946"]) == 0
-        assert g._join_results == {}
+        assert g._awaited == {}
     srv.close()
     srv2.close()
 

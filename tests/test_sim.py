@@ -256,3 +256,14 @@ def test_same_seed_same_history() -> None:
 
     assert history(21) == history(21)
     assert history(21) != history(22)
+
+
+def test_reliable_message_reaches_one_member() -> None:
+    sim = Simulation(seed=15)
+    inbox = Collector()
+    nodes = [sim.add_node(), sim.add_node(delegate=inbox), sim.add_node()]
+    sim.bootstrap()
+    token = nodes[0].core.send_reliable(nodes[1].addr, b"x" * 100_000, sim.now)
+    sim._after(nodes[0])
+    assert token > 0
+    assert sim.run_until_true(lambda: b"x" * 100_000 in inbox.seen, timeout=2)

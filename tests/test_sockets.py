@@ -320,3 +320,42 @@ async def test_agent_port_in_use_fails_cleanly() -> None:
     assert proc.returncode == 1
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1 and "in use" in lines[0], err
+
+
+class Inbox:
+    """A delegate that keeps what arrives."""
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    def notify_user_msg(self, payload: bytes) -> bool:
+        self.got.append(payload)
+        return False
+
+    def local_state(self, join: bool) -> bytes:
+        return b""
+
+    def merge_remote_state(self, data: bytes, join: bool) -> None:
+        return None
+
+
+async def test_reliable_message_is_delivered_over_tcp() -> None:
+    key = Keyring.generate()
+    inbox = Inbox()
+    cfg = local_config()
+    a = Gossip(cfg, name="a", bind=("127.0.0.1", 0), keyring=Keyring([key]))
+    b = Gossip(cfg, name="b", bind=("127.0.0.2", 0), keyring=Keyring([key]), delegate=inbox)
+    await a.start()
+    await b.start()
+    try:
+        assert b.bound is not None
+        big = os.urandom(200_000)  # far beyond one datagram
+        assert await a.send_reliable(b.bound, big)
+        assert inbox.got == [big]
+        with socket.socket() as s:  # a port with nobody listening
+            s.bind(("127.0.0.3", 0))
+            closed = s.getsockname()
+        assert not await a.send_reliable(closed, b"lost")
+    finally:
+        await a.stop()
+        await b.stop()
