@@ -1,0 +1,456 @@
+"""Find the agents of our cluster on the LAN over mDNS/DNS-SD, with no seed address.
+
+Every agent registers one ``_meshd._tcp`` service whose TXT record says who
+it is (see ``txt``) and browses for everyone else's. A record is reported as
+a peer only when its cluster name, key fingerprint and protocol version all
+match ours; anything else on the LAN (other clusters, other keys, broken
+records) is dropped and counted in ``stats``. Discovery only finds
+candidates: the caller joins them through gossip, which does the
+authenticating and failure detection.
+
+The instance name is the node name, so a restarted agent takes its old name
+back and its fresh records replace the stale ones in every peer's cache. Two
+agents with the same node name (cloned machines) resolve it as RFC 6762 says:
+the later one finds the name taken while probing and adds a random suffix;
+two that probed at the same moment notice once both announce, and the one
+with the lexicographically smaller record gives the name up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from zeroconf import (
+    DNSOutgoing,
+    DNSQuestion,
+    DNSQuestionType,
+    DNSText,
+    NonUniqueNameException,
+    RecordUpdate,
+    RecordUpdateListener,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+    current_time_millis,
+)
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from .txt import BadRecord, Peer, check_host, check_port, decode_txt, encode_txt, mismatch
+
+SERVICE_TYPE = "_meshd._tcp.local."
+
+log = logging.getLogger("meshd.discovery")
+
+# DNS constants (RFC 1035): a query message, PTR and TXT records, class IN.
+_FLAGS_QUERY = 0x0000
+_TYPE_PTR = 12
+_TYPE_TXT = 16
+_CLASS_IN = 1
+
+# Host and other records both live two minutes: an agent that crashed
+# without saying goodbye drops out of peers' lists within that time instead
+# of the 75 minutes DNS-SD gives PTR records by default. Live agents answer
+# the refresh queries browsers send at 75% of it.
+RECORD_TTL = 120
+RESOLVE_TIMEOUT_MS = 3000
+MAX_NAME_ATTEMPTS = 8
+_LABEL_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+_LABEL_MAX = 48  # leaves room for a suffix inside a 63-byte DNS label
+
+STAT_KEYS = (
+    "announcements",  # records of others resolved (each add or update)
+    "peers_added",
+    "peers_removed",
+    "ignored_foreign_cluster",
+    "ignored_foreign_key",
+    "ignored_incompatible_version",
+    "ignored_bad_record",
+    "unresolved",  # announced names whose records never arrived
+    "name_conflicts",  # times we gave up a name another agent holds
+    "name_defended",  # times another agent claimed our name and we kept it
+    "callback_errors",
+)
+
+
+def instance_label(node: str) -> str:
+    """A DNS-SD instance label for a node: readable, ASCII, short."""
+    return _LABEL_CHARS.sub("-", node).strip("-")[:_LABEL_MAX] or "node"
+
+
+def _check_interfaces(interfaces: list[str]) -> list[str]:
+    # Network safety: mDNS runs only where the caller said; never "everywhere".
+    if isinstance(interfaces, str) or not interfaces:
+        raise ValueError("interfaces must be a non-empty list of IP addresses")
+    out = []
+    for value in interfaces:
+        try:
+            ip = ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"interface {value!r} is not an IP address") from None
+        if ip.is_unspecified:
+            raise ValueError(f"interface {value} means every interface: name one address")
+        out.append(str(ip))
+    return out
+
+
+class _OwnNameWatch(RecordUpdateListener):
+    """Sees every incoming record; passes on TXT records under our instance name."""
+
+    def __init__(self, on_txt: Callable[[DNSText], None]) -> None:
+        super().__init__()
+        self._on_txt = on_txt
+
+    def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
+        for update in records:
+            record = update.new
+            if record.type == _TYPE_TXT and isinstance(record, DNSText) and record.ttl > 0:
+                self._on_txt(record)
+
+
+class MdnsDiscovery:
+    """Announce this agent and report same-cluster agents on the chosen interfaces."""
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        cluster: str,
+        key_fingerprint: str,
+        gossip_addr: tuple[str, int],
+        interfaces: list[str],
+        service_type: str = SERVICE_TYPE,
+        on_peer: Callable[[Peer], None] | None = None,
+        on_peer_gone: Callable[[Peer], None] | None = None,
+    ) -> None:
+        host, port = gossip_addr
+        self.node = node
+        self.cluster = cluster
+        self.key_fingerprint = key_fingerprint
+        self.gossip_addr = (check_host(host), check_port(port))
+        self.interfaces = _check_interfaces(interfaces)
+        self.service_type = service_type
+        self.on_peer = on_peer
+        self.on_peer_gone = on_peer_gone
+        # Raises BadRecord (a ValueError) now rather than announcing garbage later.
+        self._props = encode_txt(
+            node=node,
+            cluster=cluster,
+            key_fingerprint=key_fingerprint,
+            host=self.gossip_addr[0],
+            port=self.gossip_addr[1],
+        )
+        self._label = instance_label(node)
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self._lock = asyncio.Lock()
+        self._aiozc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._watch: _OwnNameWatch | None = None
+        self._info: ServiceInfo | None = None
+        self._peers: dict[str, Peer] = {}  # by instance name
+        self._resolving: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._announcing: asyncio.Future[Any] | None = None
+        self._conflict: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    # ----- life cycle --------------------------------------------------------------
+
+    @property
+    def instance_name(self) -> str | None:
+        """Our registered service name (None until start has registered it)."""
+        return self._info.name if self._info else None
+
+    @property
+    def running(self) -> bool:
+        return self._aiozc is not None
+
+    async def start(self) -> None:
+        """Start browsing, then register (probe, announce); returns once registered.
+
+        Browsing starts first so peers already on the LAN are reported while
+        our name is still being probed (about a second).
+        """
+        async with self._lock:
+            if self._aiozc is not None:
+                return
+            try:
+                aiozc = AsyncZeroconf(interfaces=list(self.interfaces))
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"mDNS cannot use interfaces {self.interfaces}: {exc.strerror or exc}",
+                ) from exc
+            self._aiozc = aiozc
+            try:
+                self._watch = _OwnNameWatch(self._on_own_name_txt)
+                aiozc.zeroconf.async_add_listener(self._watch, None)
+                # QM (multicast) questions: a unicast answer to port 5353 reaches only
+                # one of the processes sharing that port on a host, maybe not us.
+                self._browser = AsyncServiceBrowser(
+                    aiozc.zeroconf,
+                    self.service_type,
+                    handlers=[self._on_service_change],
+                    question_type=DNSQuestionType.QM,
+                )
+                await self._register(self._label)
+            except BaseException:
+                await self._shutdown(goodbye=False)
+                raise
+
+    async def stop(self) -> None:
+        """Say goodbye (peers drop us at once) and close; safe to call twice."""
+        async with self._lock:
+            await self._shutdown(goodbye=True)
+
+    async def _shutdown(self, *, goodbye: bool) -> None:
+        aiozc, self._aiozc = self._aiozc, None
+        if aiozc is None:
+            return
+        for task in [*self._resolving.values(), *self._tasks]:
+            task.cancel()
+        if self._conflict is not None:
+            self._conflict.cancel()
+        if self._announcing is not None:
+            self._announcing.cancel()
+        pending = [*self._resolving.values(), *self._tasks]
+        if self._conflict is not None:
+            pending.append(self._conflict)
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._resolving.clear()
+        self._tasks.clear()
+        self._conflict = None
+        self._announcing = None
+        if self._browser is not None:
+            await self._browser.async_cancel()
+            self._browser = None
+        if self._watch is not None:
+            aiozc.zeroconf.async_remove_listener(self._watch)
+            self._watch = None
+        info, self._info = self._info, None
+        if goodbye and info is not None:
+            with contextlib.suppress(Exception):
+                await (await aiozc.async_unregister_service(info))
+        await aiozc.async_close()
+        self._peers.clear()
+        self._notify()
+
+    async def _register(self, label: str) -> None:
+        """Probe for a free name and announce under it, suffixing on conflicts."""
+        assert self._aiozc is not None
+        for _ in range(MAX_NAME_ATTEMPTS):
+            info = AsyncServiceInfo(
+                self.service_type,
+                f"{label}.{self.service_type}",
+                port=self.gossip_addr[1],
+                properties=self._props,
+                addresses=[socket.inet_pton(_family(self.gossip_addr[0]), self.gossip_addr[0])],
+                host_ttl=RECORD_TTL,
+                other_ttl=RECORD_TTL,
+            )
+            try:
+                announcing = await self._aiozc.async_register_service(info)
+            except NonUniqueNameException:
+                self.stats["name_conflicts"] += 1
+                log.info("mDNS name %s is taken, trying another", info.name)
+                label = f"{self._label}-{secrets.token_hex(3)}"
+                continue
+            self._info = info
+            self._announcing = asyncio.ensure_future(announcing)
+            self._spawn(self._refresh_after(self._announcing))
+            log.info("announced %s on %s", info.name, ",".join(self.interfaces))
+            return
+        raise RuntimeError(
+            f"no free mDNS name for node {self.node!r} after {MAX_NAME_ATTEMPTS} tries"
+        )
+
+    async def _refresh_after(self, announcing: asyncio.Future[Any]) -> None:
+        """Once our announcements are out, ask once more for peers.
+
+        Agents that started with us were still probing when our browser
+        first asked; this catches any whose own announcements we missed.
+        """
+        await asyncio.wait([announcing])  # done or cancelled (a rename), but not raised
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Send one query for the service type now, listing the peers we already know."""
+        if self._aiozc is None:
+            return
+        zc = self._aiozc.zeroconf
+        now = current_time_millis()
+        out = DNSOutgoing(_FLAGS_QUERY, True)
+        out.add_question(DNSQuestion(self.service_type, _TYPE_PTR, _CLASS_IN))
+        for record in zc.cache.get_all_by_details(self.service_type, _TYPE_PTR, _CLASS_IN):
+            if not record.is_stale(now):  # known-answer suppression (RFC 6762 7.1)
+                out.add_answer_at_time(record, now)
+        zc.async_send(out)
+
+    # ----- what we report ------------------------------------------------------------
+
+    def peers(self) -> list[Peer]:
+        """Matching peers known now, not us, one entry per distinct peer."""
+        return sorted(set(self._peers.values()), key=lambda p: (p.node, p.host, p.port))
+
+    async def wait_peers(self, n: int, timeout: float) -> list[Peer]:
+        """Wait until at least n peers are known; TimeoutError says which were."""
+        try:
+            async with asyncio.timeout(timeout):
+                while len(found := self.peers()) < n:
+                    await self._changed.wait()
+        except TimeoutError:
+            raise TimeoutError(
+                f"{self.node}: found {len(self.peers())} of {n} peers in {timeout}s: "
+                f"{self.peers()} (stats {self.stats})"
+            ) from None
+        return found
+
+    def _notify(self) -> None:
+        # Wake every waiter, then arm a fresh event for the next change.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _call(self, callback: Callable[[Peer], None] | None, peer: Peer) -> None:
+        if callback is None:
+            return
+        try:
+            callback(peer)
+        except Exception:
+            self.stats["callback_errors"] += 1
+            log.exception("discovery callback failed for %s", peer)
+
+    # ----- browsing --------------------------------------------------------------------
+
+    def _on_service_change(
+        self,
+        zeroconf: Zeroconf,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        if self._aiozc is None:
+            return
+        if state_change is ServiceStateChange.Removed:
+            task = self._resolving.pop(name, None)
+            if task is not None:
+                task.cancel()
+            self._drop(name)
+        else:
+            self._resolve_soon(name)
+
+    def _resolve_soon(self, name: str) -> None:
+        if self._aiozc is None or (self._info is not None and name == self._info.name):
+            return
+        old = self._resolving.pop(name, None)
+        if old is not None:
+            old.cancel()  # the newer records win
+        task = asyncio.get_running_loop().create_task(self._resolve(name))
+        self._resolving[name] = task
+        task.add_done_callback(lambda t: self._resolved(name, t))
+
+    def _resolved(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._resolving.get(name) is task:
+            del self._resolving[name]
+
+    async def _resolve(self, name: str) -> None:
+        assert self._aiozc is not None
+        info = AsyncServiceInfo(self.service_type, name)
+        # Announcements carry every record, so this is normally a cache hit.
+        ok = await info.async_request(
+            self._aiozc.zeroconf, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM
+        )
+        if self._info is not None and name == self._info.name:
+            return  # we took this name while resolving
+        if not ok:
+            self.stats["unresolved"] += 1
+            log.debug("no records for %s", name)
+            return
+        try:
+            props = info.properties
+        except Exception:
+            props = None
+        self._consider(name, props)
+
+    def _consider(self, name: str, props: Mapping[bytes, bytes | None] | None) -> None:
+        self.stats["announcements"] += 1
+        try:
+            if props is None:
+                raise BadRecord("bad_record", "unreadable TXT record")
+            ann = decode_txt(props)
+        except BadRecord as exc:
+            self.stats["ignored_bad_record"] += 1
+            log.debug("ignoring %s: %s", name, exc)
+            self._drop(name)
+            return
+        reason = mismatch(ann, cluster=self.cluster, key_fingerprint=self.key_fingerprint)
+        if reason is not None:
+            self.stats[reason] += 1
+            log.debug("ignoring %s: %s", name, reason)
+            self._drop(name)
+            return
+        peer = ann.peer
+        old = self._peers.get(name)
+        if old == peer:
+            return
+        self._peers[name] = peer
+        self.stats["peers_added"] += 1
+        self._notify()
+        if old is not None:
+            self._call(self.on_peer_gone, old)
+        self._call(self.on_peer, peer)
+
+    def _drop(self, name: str) -> None:
+        peer = self._peers.pop(name, None)
+        if peer is None:
+            return
+        self.stats["peers_removed"] += 1
+        self._notify()
+        self._call(self.on_peer_gone, peer)
+
+    # ----- name conflicts after registration ---------------------------------------------
+
+    def _on_own_name_txt(self, record: DNSText) -> None:
+        info = self._info
+        if info is None or record.key != info.key or record.text == info.text:
+            return
+        if self._conflict is None or self._conflict.done():
+            self._conflict = asyncio.get_running_loop().create_task(
+                self._settle_conflict(record.text)
+            )
+
+    async def _settle_conflict(self, theirs: bytes) -> None:
+        """Another agent announced our name: RFC 6762 8.2 tie-break on the record data."""
+        info, aiozc = self._info, self._aiozc
+        if info is None or aiozc is None:
+            return
+        if info.text > theirs:
+            self.stats["name_defended"] += 1
+            log.info("another agent claimed %s; keeping it", info.name)
+            await (await aiozc.async_update_service(info))
+            return
+        self.stats["name_conflicts"] += 1
+        log.info("another agent holds %s; renaming", info.name)
+        # No goodbye: it would withdraw the winner's records (same name) too.
+        if self._announcing is not None:
+            self._announcing.cancel()
+        aiozc.zeroconf.registry.async_remove(info)
+        self._info = None
+        await self._register(f"{self._label}-{secrets.token_hex(3)}")
+        # The winner under our old name may well be a peer of ours.
+        self._resolve_soon(info.name)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
