@@ -194,18 +194,17 @@ def entry_hash(entry: Entry) -> int:
     """
     key = entry.key.encode()
     node = entry.ts.node.encode()
-    h = blake2b(
-        _ENTRY_HEAD.pack(entry.ts.wall_ms, entry.ts.counter, len(key), len(node)),
-        digest_size=8,
-    )
-    h.update(key)
-    h.update(node)
-    if entry.value is None:
-        h.update(b"\x00")
-    else:
-        h.update(b"\x01")
-        h.update(entry.value)
-    return int.from_bytes(h.digest(), "big")
+    head = _ENTRY_HEAD.pack(entry.ts.wall_ms, entry.ts.counter, len(key), len(node))
+    value = entry.value
+    if value is None:
+        data = head + key + node + b"\x00"
+    elif len(value) <= 4096:
+        data = head + key + node + b"\x01" + value
+    else:  # don't copy big values just to hash them
+        h = blake2b(head + key + node + b"\x01", digest_size=8)
+        h.update(value)
+        return int.from_bytes(h.digest(), "big")
+    return int.from_bytes(blake2b(data, digest_size=8).digest(), "big")
 
 
 def compute_digest(entries: Iterable[Entry]) -> bytes:
@@ -283,7 +282,8 @@ class Store:
         self.hlc = HLC(node, max_drift_ms)
         self._persist = persist
         self._entries: dict[str, Entry] = {}
-        self._hashes: dict[str, int] = {}
+        # key -> (bucket, entry_hash): what the digest needs to undo a change.
+        self._slots: dict[str, tuple[int, int]] = {}
         self._buckets: list[set[str]] = [set() for _ in range(BUCKETS)]
         self._digest = [0] * BUCKETS
         self._tombstones: set[str] = set()
@@ -508,8 +508,8 @@ class Store:
             self._persist.delete_keys(doomed, {"gc_horizon": horizon.to_bytes()})
         for key in doomed:
             del entries[key]
-            b = bucket_of(key)
-            self._digest[b] ^= self._hashes.pop(key)
+            b, h = self._slots.pop(key)
+            self._digest[b] ^= h
             self._buckets[b].discard(key)
             self._tombstones.discard(key)
         self._keys_stale = True
@@ -550,17 +550,18 @@ class Store:
 
     def _install(self, entry: Entry) -> None:
         key = entry.key
-        b = bucket_of(key)
         h = entry_hash(entry)
-        old = self._hashes.get(key)
-        if old is None:
+        slot = self._slots.get(key)
+        if slot is None:
+            b = bucket_of(key)
             self._buckets[b].add(key)
             self._keys.append(key)
             self._keys_sorted = False
             self._digest[b] ^= h
         else:
-            self._digest[b] ^= old ^ h
-        self._hashes[key] = h
+            b = slot[0]
+            self._digest[b] ^= slot[1] ^ h
+        self._slots[key] = (b, h)
         self._entries[key] = entry
         if entry.value is None:
             self._tombstones.add(key)
