@@ -76,6 +76,17 @@ def test_the_clock_resumes_past_a_collected_tombstone(db_path: Path) -> None:
     again.close()
 
 
+def test_the_start_of_participation_survives_a_reopen(db_path: Path) -> None:
+    s = Store.open("a", db_path)
+    s.put("k", b"v", 5000)
+    s.delete("k", 6000)
+    s.close()
+    again = Store.open("a", db_path)
+    assert again.since == 5000
+    assert again.collect_tombstones(6001 + DAY, DAY) == 1  # no new waiting period
+    again.close()
+
+
 def test_wal_and_synchronous_settings(db_path: Path) -> None:
     p = SqlitePersistence(db_path)
     assert p.journal_mode == "wal"

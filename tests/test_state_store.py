@@ -453,6 +453,20 @@ def test_a_new_node_accepts_old_keys_even_after_collecting_nothing() -> None:
     assert fresh.apply(old, 10 * DAY) is True
 
 
+def test_a_new_node_collects_nothing_while_it_is_catching_up() -> None:
+    old_tomb = Entry("x", None, Timestamp(1000, 0, "b"))
+    old_key = Entry("y", b"spec", Timestamp(500, 0, "b"))
+    join = 10 * DAY
+    fresh = Store("new")
+    assert fresh.apply_many([old_tomb], join) == [old_tomb]  # first anti-entropy round
+    assert fresh.collect_tombstones(join + HOUR, DAY) == 0
+    assert fresh.gc_horizon is None and fresh.since == join
+    assert fresh.apply_many([old_key], join + 2 * HOUR) == [old_key]  # a later round
+    # Once it has taken part for a whole tombstone lifetime, it collects.
+    assert fresh.collect_tombstones(join + DAY, DAY) == 1
+    assert fresh.gc_horizon == old_tomb.ts
+
+
 def test_collected_keys_newer_than_the_horizon_are_accepted() -> None:
     s = Store("a")
     s.put("x", b"v", 0)

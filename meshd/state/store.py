@@ -302,6 +302,13 @@ class Store:
         #: collected. It only moves when tombstones are actually collected, so
         #: a new node (which has collected nothing) accepts all old keys.
         self.gc_horizon: Timestamp | None = None
+        #: Wall time (ms) of this replica's first write, merge or collection;
+        #: persisted. Tombstones are only collected once the replica has taken
+        #: part for a whole tombstone lifetime, so a new node never sets a
+        #: horizon while it is still catching up (say, in several
+        #: anti-entropy rounds) and refuses old keys it simply hasn't got yet.
+        self.since: int | None = None
+        self._since_saved = True
         self.stats: dict[str, int] = {
             "puts": 0,
             "deletes": 0,
@@ -381,6 +388,7 @@ class Store:
         """Write key locally; returns the entry once it is persisted."""
         check_key(key)
         value = check_value(value)
+        self._note(wall_ms)
         entry = Entry(key, value, self.hlc.now(wall_ms))
         self._commit([entry])
         self.stats["puts"] += 1
@@ -391,6 +399,7 @@ class Store:
         current = self._entries.get(key)
         if current is None or current.value is None:
             return None
+        self._note(wall_ms)
         entry = Entry(key, None, self.hlc.now(wall_ms))
         self._commit([entry])
         self.stats["deletes"] += 1
@@ -405,6 +414,7 @@ class Store:
         behind the GC horizon are dropped and counted in ``stats``.
         Raises only if persisting fails (PersistenceError).
         """
+        self._note(wall_ms)
         if not self._admit(entry, wall_ms):
             return False
         current = self._entries.get(entry.key)
@@ -417,6 +427,7 @@ class Store:
     def apply_many(self, entries: Iterable[Entry], wall_ms: int) -> list[Entry]:
         """Merge a batch of remote entries in one transaction; returns those that
         changed our state (for a key given twice, only the newer counts)."""
+        self._note(wall_ms)
         changed: dict[str, Entry] = {}
         own = self._entries
         for entry in entries:
@@ -492,10 +503,14 @@ class Store:
         Serf and Consul use, is the usual choice): a node that comes back
         later than that may still hold a value for a key whose tombstone is
         gone everywhere. The GC horizon then refuses such a value here.
-        Returns the number collected.
+        Nothing is collected until this replica has taken part for
+        older_than_ms (see ``since``). Returns the number collected.
         """
         if older_than_ms < 0:
             raise ValueError("older_than_ms must be >= 0")
+        self._note(wall_ms)
+        if wall_ms - (self.since or 0) < older_than_ms:
+            return 0
         cutoff = wall_ms - older_than_ms
         entries = self._entries
         doomed = [k for k in self._tombstones if entries[k].ts.wall_ms < cutoff]
@@ -505,7 +520,8 @@ class Store:
         if self.gc_horizon is not None:
             horizon = max(horizon, self.gc_horizon)
         if self._persist is not None:
-            self._persist.delete_keys(doomed, {"gc_horizon": horizon.to_bytes()})
+            self._persist.delete_keys(doomed, self._meta(gc_horizon=horizon.to_bytes()))
+            self._since_saved = True
         for key in doomed:
             del entries[key]
             b, h = self._slots.pop(key)
@@ -536,8 +552,9 @@ class Store:
         """Persist, then install and announce, a batch of entries that win."""
         if self._persist is not None:
             self._persist.save(
-                batch, {"index": self.index + len(batch), "hlc": self.hlc.last.to_bytes()}
+                batch, self._meta(index=self.index + len(batch), hlc=self.hlc.last.to_bytes())
             )
+            self._since_saved = True
         for entry in batch:
             self._install(entry)
             self.index += 1
@@ -547,6 +564,17 @@ class Store:
                 except Exception:
                     self.stats["subscriber_errors"] += 1
                     log.exception("state subscriber %r failed on %r", callback, entry.key)
+
+    def _note(self, wall_ms: int) -> None:
+        if self.since is None:
+            self.since = wall_ms
+            self._since_saved = False
+
+    def _meta(self, **meta: MetaValue) -> dict[str, MetaValue]:
+        """Metadata to persist with a change (and ``since``, the first time)."""
+        if not self._since_saved and self.since is not None:
+            meta["since"] = self.since
+        return meta
 
     def _install(self, entry: Entry) -> None:
         key = entry.key
@@ -586,6 +614,8 @@ class Store:
             latest = max(latest, entry.ts)
         index = persist.load_meta("index")
         self.index = index if type(index) is int and index >= 0 else 0
+        since = persist.load_meta("since")
+        self.since = since if type(since) is int else None
         self.gc_horizon = _meta_timestamp(persist, "gc_horizon")
         clock = _meta_timestamp(persist, "hlc")
         if clock is not None:
