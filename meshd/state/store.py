@@ -263,8 +263,9 @@ def _meta_timestamp(persist: Persistence, key: str) -> Timestamp | None:
     try:
         return Timestamp.from_bytes(raw)  # type: ignore[arg-type]
     except ValueError as exc:
-        where = getattr(persist, "path", "state store")
-        raise PersistenceError(f"{where}: stored {key} is unreadable: {exc}") from None
+        where = getattr(persist, "path", None)
+        prefix = f"state database {where}" if where else "state store"
+        raise PersistenceError(f"{prefix}: stored {key} is unreadable: {exc}") from None
 
 
 # ----- the store -----------------------------------------------------------------
@@ -502,7 +503,9 @@ class Store:
         plus the longest partition the cluster should heal from (24 h, as
         Serf and Consul use, is the usual choice): a node that comes back
         later than that may still hold a value for a key whose tombstone is
-        gone everywhere. The GC horizon then refuses such a value here.
+        gone everywhere. The GC horizon refuses such a value here, but the
+        node that was away keeps it: a node down for longer than the
+        tombstone lifetime should rejoin with an empty store.
         Nothing is collected until this replica has taken part for
         older_than_ms (see ``since``). Returns the number collected.
         """
