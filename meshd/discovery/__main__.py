@@ -5,8 +5,9 @@
 
 Lines: ``{"event": "started", ...}`` once registered, ``{"event": "peer", ...}``
 for each peer found (or changed), ``{"event": "gone", ...}`` when one leaves,
-and ``{"event": "stats", ...}`` at exit. ``t`` is seconds since the process
-began discovering, so timings compare across hosts that started together.
+and ``{"event": "stats", ...}`` at exit. ``t`` is seconds since this process
+began discovering and ``wall`` the clock time, so timings compare across
+hosts of one machine.
 Stops on SIGINT/SIGTERM, after --duration seconds, or once --exit-after
 peers were seen; it says goodbye on the way out.
 """
@@ -63,7 +64,12 @@ class _Printer:
         self.t0 = t0
 
     def __call__(self, event: str, **fields: Any) -> None:
-        line = {"event": event, "t": round(time.monotonic() - self.t0, 4), **fields}
+        line = {
+            "event": event,
+            "t": round(time.monotonic() - self.t0, 4),
+            "wall": round(time.time(), 4),
+            **fields,
+        }
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
 

@@ -14,6 +14,10 @@ agents with the same node name (cloned machines) resolve it as RFC 6762 says:
 the later one finds the name taken while probing and adds a random suffix;
 two that probed at the same moment notice once both announce, and the one
 with the lexicographically smaller record gives the name up.
+
+What a peer is comes from its newest TXT record, watched as records arrive
+rather than read back from the cache: during a name conflict the cache
+holds both claimants' records, and only arrival order says which is current.
 """
 
 from __future__ import annotations
@@ -43,7 +47,16 @@ from zeroconf import (
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from .txt import BadRecord, Peer, check_host, check_port, decode_txt, encode_txt, mismatch
+from .txt import (
+    BadRecord,
+    Peer,
+    check_host,
+    check_port,
+    decode_txt,
+    encode_txt,
+    mismatch,
+    split_txt,
+)
 
 SERVICE_TYPE = "_meshd._tcp.local."
 
@@ -101,8 +114,8 @@ def _check_interfaces(interfaces: list[str]) -> list[str]:
     return out
 
 
-class _OwnNameWatch(RecordUpdateListener):
-    """Sees every incoming record; passes on TXT records under our instance name."""
+class _TxtWatch(RecordUpdateListener):
+    """Passes on every live TXT record that arrives, before the cache takes it in."""
 
     def __init__(self, on_txt: Callable[[DNSText], None]) -> None:
         super().__init__()
@@ -111,7 +124,7 @@ class _OwnNameWatch(RecordUpdateListener):
     def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
         for update in records:
             record = update.new
-            if record.type == _TYPE_TXT and isinstance(record, DNSText) and record.ttl > 0:
+            if isinstance(record, DNSText) and not record.is_expired(now):
                 self._on_txt(record)
 
 
@@ -152,9 +165,11 @@ class MdnsDiscovery:
         self._lock = asyncio.Lock()
         self._aiozc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
-        self._watch: _OwnNameWatch | None = None
+        self._watch: _TxtWatch | None = None
         self._info: ServiceInfo | None = None
-        self._peers: dict[str, Peer] = {}  # by instance name
+        self._peers: dict[str, Peer] = {}  # by instance name, lower case
+        self._browsed: set[str] = set()  # instance names the browser reports present
+        self._last_text: dict[str, bytes] = {}  # TXT data each peer was judged on
         self._resolving: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._announcing: asyncio.Future[Any] | None = None
@@ -190,7 +205,7 @@ class MdnsDiscovery:
                 ) from exc
             self._aiozc = aiozc
             try:
-                self._watch = _OwnNameWatch(self._on_own_name_txt)
+                self._watch = _TxtWatch(self._on_txt)
                 aiozc.zeroconf.async_add_listener(self._watch, None)
                 # QM (multicast) questions: a unicast answer to port 5353 reaches only
                 # one of the processes sharing that port on a host, maybe not us.
@@ -240,6 +255,8 @@ class MdnsDiscovery:
                 await (await aiozc.async_unregister_service(info))
         await aiozc.async_close()
         self._peers.clear()
+        self._browsed.clear()
+        self._last_text.clear()
         self._notify()
 
     async def _register(self, label: str) -> None:
@@ -337,46 +354,82 @@ class MdnsDiscovery:
     ) -> None:
         if self._aiozc is None:
             return
-        if state_change is ServiceStateChange.Removed:
-            task = self._resolving.pop(name, None)
-            if task is not None:
-                task.cancel()
-            self._drop(name)
-        else:
-            self._resolve_soon(name)
+        key = name.lower()
+        if state_change is ServiceStateChange.Added:
+            self._browsed.add(key)
+            self._resolve_soon(key)
+        elif state_change is ServiceStateChange.Removed:
+            self._browsed.discard(key)
+            self._last_text.pop(key, None)
+            self._cancel_resolve(key)
+            self._drop(key)
+        # Updated: TXT changes reach _on_txt directly; other records don't matter here.
 
-    def _resolve_soon(self, name: str) -> None:
-        if self._aiozc is None or (self._info is not None and name == self._info.name):
+    def _on_txt(self, record: DNSText) -> None:
+        key = record.key
+        info = self._info
+        if info is not None and key == info.key:
+            self._on_own_name_txt(record)
+        elif key in self._browsed and self._last_text.get(key) != record.text:
+            # Decide outside zeroconf's record processing: callbacks are the caller's code.
+            asyncio.get_running_loop().call_soon(self._decide, key, record.text)
+
+    def _resolve_soon(self, key: str) -> None:
+        if self._aiozc is None or (self._info is not None and key == self._info.key):
             return
-        old = self._resolving.pop(name, None)
-        if old is not None:
-            old.cancel()  # the newer records win
-        task = asyncio.get_running_loop().create_task(self._resolve(name))
-        self._resolving[name] = task
-        task.add_done_callback(lambda t: self._resolved(name, t))
+        self._cancel_resolve(key)
+        task = asyncio.get_running_loop().create_task(self._resolve(key))
+        self._resolving[key] = task
+        task.add_done_callback(lambda t: self._resolved(key, t))
 
-    def _resolved(self, name: str, task: asyncio.Task[None]) -> None:
-        if self._resolving.get(name) is task:
-            del self._resolving[name]
+    def _cancel_resolve(self, key: str) -> None:
+        task = self._resolving.pop(key, None)
+        if task is not None:
+            task.cancel()
 
-    async def _resolve(self, name: str) -> None:
+    def _resolved(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._resolving.get(key) is task:
+            del self._resolving[key]
+
+    async def _resolve(self, key: str) -> None:
         assert self._aiozc is not None
-        info = AsyncServiceInfo(self.service_type, name)
-        # Announcements carry every record, so this is normally a cache hit.
-        ok = await info.async_request(
-            self._aiozc.zeroconf, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM
-        )
-        if self._info is not None and name == self._info.name:
-            return  # we took this name while resolving
-        if not ok:
+        zc = self._aiozc.zeroconf
+        text = self._newest_text(zc, key)
+        if text is None:
+            # Announcements carry every record, so asking is the exception.
+            info = AsyncServiceInfo(self.service_type, key)
+            ok = await info.async_request(zc, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM)
+            text = self._newest_text(zc, key) or (info.text if ok else None)
+        if text is None:
             self.stats["unresolved"] += 1
-            log.debug("no records for %s", name)
+            log.debug("no TXT record for %s", key)
             return
+        self._decide(key, text)
+
+    @staticmethod
+    def _newest_text(zc: Zeroconf, key: str) -> bytes | None:
+        now = current_time_millis()
+        live = [
+            r
+            for r in zc.cache.get_all_by_details(key, _TYPE_TXT, _CLASS_IN)
+            if isinstance(r, DNSText) and not r.is_expired(now)
+        ]
+        return max(live, key=lambda r: r.created).text if live else None
+
+    def _decide(self, key: str, text: bytes) -> None:
+        if self._aiozc is None or key not in self._browsed:
+            return
+        if self._info is not None and key == self._info.key:
+            return  # we took this name meanwhile
+        self._cancel_resolve(key)  # this record is newer than anything a lookup finds
+        if self._last_text.get(key) == text:
+            return
+        self._last_text[key] = text
         try:
-            props = info.properties
-        except Exception:
+            props: Mapping[bytes, bytes | None] | None = split_txt(text)
+        except BadRecord:
             props = None
-        self._consider(name, props)
+        self._consider(key, props)
 
     def _consider(self, name: str, props: Mapping[bytes, bytes | None] | None) -> None:
         self.stats["announcements"] += 1
@@ -418,7 +471,7 @@ class MdnsDiscovery:
 
     def _on_own_name_txt(self, record: DNSText) -> None:
         info = self._info
-        if info is None or record.key != info.key or record.text == info.text:
+        if info is None or record.text == info.text:
             return
         if self._conflict is None or self._conflict.done():
             self._conflict = asyncio.get_running_loop().create_task(
@@ -433,6 +486,9 @@ class MdnsDiscovery:
         if info.text > theirs:
             self.stats["name_defended"] += 1
             log.info("another agent claimed %s; keeping it", info.name)
+            # Announce again once the claim is over a second old: only then does
+            # our cache-flush bit evict it from every cache (RFC 6762 10.2).
+            await asyncio.sleep(1.1)
             await (await aiozc.async_update_service(info))
             return
         self.stats["name_conflicts"] += 1
@@ -444,7 +500,7 @@ class MdnsDiscovery:
         self._info = None
         await self._register(f"{self._label}-{secrets.token_hex(3)}")
         # The winner under our old name may well be a peer of ours.
-        self._resolve_soon(info.name)
+        self._resolve_soon(info.key)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

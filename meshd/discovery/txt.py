@@ -146,6 +146,27 @@ def encode_txt(
 # ----- decoding ---------------------------------------------------------------------
 
 
+def split_txt(text: bytes) -> dict[bytes, bytes | None]:
+    """TXT record data to properties (RFC 6763 6.3-6.4).
+
+    Length-prefixed strings of key=value; keys are case-insensitive and the
+    first occurrence wins; a key without '=' is present with no value.
+    """
+    props: dict[bytes, bytes | None] = {}
+    i = 0
+    while i < len(text):
+        n = text[i]
+        i += 1
+        if i + n > len(text):
+            raise BadRecord("bad_record", "TXT string runs past the end of the record")
+        entry = text[i : i + n]
+        i += n
+        key, sep, value = entry.partition(b"=")
+        if key:  # empty strings and ones starting with '=' carry nothing
+            props.setdefault(key.lower(), value if sep else None)
+    return props
+
+
 def _field(props: Mapping[bytes, bytes | None], key: str) -> str:
     raw = props.get(key.encode())
     if raw is None:
