@@ -506,10 +506,10 @@ async def test_an_address_that_is_not_ours_fails_start_clearly(service_type: str
         cluster="prod",
         key_fingerprint=FP,
         gossip_addr=(LO, 7946),
-        interfaces=["192.0.2.77"],  # TEST-NET-1: on no interface here
+        interfaces=["198.51.100.77"],  # TEST-NET-2: on no interface here
         service_type=service_type,
     )
-    with pytest.raises(OSError, match=r"mDNS cannot use interfaces \['192.0.2.77'\]"):
+    with pytest.raises(OSError, match=r"mDNS cannot use interfaces \['198.51.100.77'\]"):
         await disc.start()
     assert not disc.running
     await disc.stop()
