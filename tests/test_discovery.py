@@ -248,6 +248,22 @@ def test_interfaces_must_be_explicit_addresses(interfaces: Any) -> None:
         )
 
 
+@pytest.mark.parametrize(
+    "service_type",
+    ["_meshd._tcp.local", "meshd._tcp.local.", "_a-very-long-service-name._tcp.local."],
+)
+def test_service_type_must_be_dns_sd(service_type: str) -> None:
+    with pytest.raises(ValueError, match="not a DNS-SD service type"):
+        MdnsDiscovery(
+            node="n1",
+            cluster="prod",
+            key_fingerprint=FP,
+            gossip_addr=(LO, 7946),
+            interfaces=[LO],
+            service_type=service_type,
+        )
+
+
 @pytest.mark.parametrize("addr", [("localhost", 7946), (LO, 0), ("0.0.0.0", 7946)])
 def test_gossip_address_must_be_a_reachable_ip_and_port(addr: tuple[str, int]) -> None:
     with pytest.raises(ValueError):

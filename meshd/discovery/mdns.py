@@ -33,10 +33,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from zeroconf import (
+    BadTypeInNameException,
     DNSOutgoing,
     DNSQuestion,
     DNSQuestionType,
     DNSText,
+    NamePartTooLongException,
     NonUniqueNameException,
     RecordUpdate,
     RecordUpdateListener,
@@ -44,6 +46,7 @@ from zeroconf import (
     ServiceStateChange,
     Zeroconf,
     current_time_millis,
+    service_type_name,
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -114,6 +117,16 @@ def _check_interfaces(interfaces: list[str]) -> list[str]:
     return out
 
 
+def _check_service_type(service_type: str) -> str:
+    try:
+        ok = service_type_name(f"x.{service_type}", strict=True) == service_type
+    except (BadTypeInNameException, NamePartTooLongException):
+        ok = False
+    if not ok:
+        raise ValueError(f"{service_type!r} is not a DNS-SD service type like {SERVICE_TYPE!r}")
+    return service_type
+
+
 class _TxtWatch(RecordUpdateListener):
     """Passes on every live TXT record that arrives, before the cache takes it in."""
 
@@ -129,7 +142,13 @@ class _TxtWatch(RecordUpdateListener):
 
 
 class MdnsDiscovery:
-    """Announce this agent and report same-cluster agents on the chosen interfaces."""
+    """Announce this agent and report same-cluster agents on the chosen interfaces.
+
+    ``on_peer`` runs in the event loop when a peer is found or its address
+    changes, ``on_peer_gone`` when it says goodbye, expires or stops
+    matching; both must be quick (schedule the gossip join, don't await it).
+    A callback that raises is logged and counted, never propagated.
+    """
 
     def __init__(
         self,
@@ -149,7 +168,7 @@ class MdnsDiscovery:
         self.key_fingerprint = key_fingerprint
         self.gossip_addr = (check_host(host), check_port(port))
         self.interfaces = _check_interfaces(interfaces)
-        self.service_type = service_type
+        self.service_type = _check_service_type(service_type)
         self.on_peer = on_peer
         self.on_peer_gone = on_peer_gone
         # Raises BadRecord (a ValueError) now rather than announcing garbage later.
