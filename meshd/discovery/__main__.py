@@ -120,7 +120,9 @@ async def run(opts: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     opts = _parser().parse_args(argv)
     logging.basicConfig(level=opts.log_level.upper(), stream=sys.stderr)
-    return asyncio.run(run(opts))
+    import uvloop  # the agent's loop, so this is what the agent will see
+
+    return uvloop.run(run(opts))
 
 
 if __name__ == "__main__":
