@@ -28,6 +28,9 @@ __all__ = ["INDEX_HEADER", "KV_PREFIX", "entry_json", "routes"]
 #: Response header carrying the store's change index (like X-Consul-Index).
 INDEX_HEADER = "X-Meshd-Index"
 KV_PREFIX = "/v1/kv/"
+# [\s\S], not '.', so a key with a newline reaches the handler and is refused
+# there as a bad key rather than falling through to "no such endpoint".
+KEY_ROUTE = KV_PREFIX + r"{key:[\s\S]+}"
 
 
 def entry_json(entry: Entry) -> dict[str, Any]:
@@ -78,12 +81,12 @@ def _not_found(request: web.Request, key: str) -> Problem:
 
 
 async def get_key(request: web.Request) -> web.Response:
-    params = query(request, {"raw"})
+    raw = flag(query(request, {"raw"}), "raw")
     key = _key(request)
     entry = request.app[VIEW].kv_get(key)
     if entry is None or entry.value is None:
         raise _not_found(request, key)
-    if flag(params, "raw"):
+    if raw:
         return web.Response(
             body=entry.value, content_type="application/octet-stream", headers=_index(request)
         )
@@ -91,7 +94,7 @@ async def get_key(request: web.Request) -> web.Response:
 
 
 async def put_key(request: web.Request) -> web.Response:
-    params = query(request, {"base64"})
+    is_base64 = flag(query(request, {"base64"}), "base64")
     key = _key(request)
     limit = request.app[STATE].max_body
     if request.content_length is not None and request.content_length > limit:
@@ -99,7 +102,7 @@ async def put_key(request: web.Request) -> web.Response:
             413, "body_too_large", f"request body is larger than the limit of {limit} bytes"
         )
     value = await request.read()  # aiohttp enforces max_body here too (chunked bodies)
-    if flag(params, "base64"):
+    if is_base64:
         try:
             value = base64.b64decode(value.strip(), validate=True)
         except (binascii.Error, ValueError) as exc:
@@ -131,13 +134,13 @@ async def delete_key(request: web.Request) -> web.Response:
 
 async def list_keys(request: web.Request) -> web.Response:
     params = query(request, {"prefix", "keys"})
+    keys_only = flag(params, "keys")
     prefix = params.get("prefix", "")
     if len(prefix.encode()) > MAX_KEY:
         raise Problem(400, "bad_param", f"prefix is longer than the longest key ({MAX_KEY} bytes)")
     if "\x00" in prefix:
         raise Problem(400, "bad_param", "prefix contains NUL")
     entries = [e for e in request.app[VIEW].kv_list(prefix) if e.value is not None]
-    keys_only = flag(params, "keys")
     body: list[Any] = [e.key if keys_only else entry_json(e) for e in entries]
     return json_response(body, headers=_index(request))
 
@@ -145,7 +148,7 @@ async def list_keys(request: web.Request) -> web.Response:
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/v1/kv", list_keys),
-        web.get("/v1/kv/{key:.+}", get_key),
-        web.put("/v1/kv/{key:.+}", put_key),
-        web.delete("/v1/kv/{key:.+}", delete_key),
+        web.get(KEY_ROUTE, get_key),
+        web.put(KEY_ROUTE, put_key),
+        web.delete(KEY_ROUTE, delete_key),
     ]

@@ -74,9 +74,11 @@ async def serve(
         log.warning(
             "serving the API on %s without a token: anyone who can reach it has full control", where
         )
-    runner = web.AppRunner(app, access_log=access_log, handle_signals=False)
+    runner = web.AppRunner(
+        app, access_log=access_log, handle_signals=False, shutdown_timeout=shutdown_timeout
+    )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=shutdown_timeout)
+    site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except OSError as exc:
