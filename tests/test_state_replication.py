@@ -202,6 +202,25 @@ def test_big_entries_are_announced_and_pulled_once_per_node() -> None:
     assert c.sim.run_until_true(lambda: all(holds(s, small) for s in c.stores()), timeout=1.0)
 
 
+def test_largest_inline_write_fits_a_gossip_datagram() -> None:
+    """MAX_BROADCAST must fit the gossip core's datagram budget, or the
+    message would never leave the piggyback queue."""
+    c = cluster(20, seed=11, config=lan_config())  # push-pull far away (30 s)
+    key = "service/" + "k" * 500
+    size = max(
+        n
+        for n in range(0, MAX_BROADCAST)
+        if len(msgpack.packb([VERSION, "entry", [key, bytes(n), [EPOCH * 2, 2**32 - 1, "n0"]]]))
+        <= MAX_BROADCAST
+    )
+    e = c.reps[0].put(key, bytes(size))
+    ((payload, _),) = c.transports[0].broadcasts
+    assert MAX_BROADCAST - 8 <= len(payload) <= MAX_BROADCAST
+    assert c.reps[0].stats["entries_broadcast"] == 1
+    assert c.sim.run_until_true(lambda: all(holds(s, e) for s in c.stores()), timeout=1.0)
+    assert c.total("sync_applied") == 0 and c.total("wants_sent") == 0
+
+
 def test_concurrent_writes_converge_on_one_winner() -> None:
     rng = random.Random(4)
     sim = Simulation(seed=4, config=lan_config(push_pull_interval=5.0), loss=0.05)
