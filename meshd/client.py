@@ -128,6 +128,12 @@ class _Calls:
 
     addr: str
 
+    @property
+    def base(self) -> str:
+        """The agent's base URL; a bad address raises ClientError on the first call,
+        where callers already handle ClientError."""
+        return base_url(self.addr)
+
     def _read_json(self, body: bytes) -> Any:
         return _json(body, f"the meshd agent at {self.addr}")
 
@@ -195,7 +201,6 @@ class Client(_Calls):
         self, addr: str | None = None, token: str | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
         self.addr = addr or os.environ.get("MESHD_ADDR") or DEFAULT_ADDR
-        self.base = base_url(self.addr)
         self.token = token if token is not None else (os.environ.get("MESHD_TOKEN") or None)
         self.timeout = timeout
         # No ProxyHandler settings: the agent is local, an HTTP_PROXY must not apply.
@@ -263,7 +268,6 @@ class AsyncClient(_Calls):
         self, addr: str | None = None, token: str | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
         self.addr = addr or os.environ.get("MESHD_ADDR") or DEFAULT_ADDR
-        self.base = base_url(self.addr)
         self.token = token if token is not None else (os.environ.get("MESHD_TOKEN") or None)
         self.timeout = timeout
         self._session: Any = None

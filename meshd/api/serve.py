@@ -19,8 +19,12 @@ __all__ = ["ServeError", "is_loopback", "is_wildcard", "serve"]
 log = logging.getLogger("meshd.api")
 
 
-class ServeError(Exception):
-    """The API can't be served as asked; the message says why, in one line."""
+class ServeError(ValueError):
+    """The API can't be served as asked; the message says why, in one line.
+
+    A ValueError, like the other bad-configuration errors the agent reports
+    as one line at start-up.
+    """
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
