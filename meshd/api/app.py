@@ -20,7 +20,6 @@ from meshd.api.errors import Handler, Problem, error_middleware, json_response, 
 from meshd.api.openapi import openapi_document
 from meshd.api.parsing import query
 from meshd.api.view import MEMBER_STATUSES, AgentView
-from meshd.metrics import make_registry, render
 
 __all__ = ["DEFAULT_MAX_BODY", "OPEN_PATHS", "create_app"]
 
@@ -46,6 +45,9 @@ def create_app(
     )
     app[VIEW] = view
     app[STATE] = state = ApiState(token=token.strip() if token else None, max_body=max_body)
+    # Imported here: meshd.metrics imports this package (for the view's types).
+    from meshd.metrics import make_registry, render
+
     registry = make_registry(view, state)
     document = openapi_document()
 
