@@ -750,3 +750,15 @@ def test_free_port_is_refused() -> None:
         port = sock.getsockname()[1]
     with pytest.raises(ConnectionRefusedError):
         raw_request(port, "GET", "/v1/health")
+
+
+@pytest.mark.parametrize("module", ["meshd.metrics", "meshd.api", "meshd.api.view", "meshd.client"])
+def test_modules_import_on_their_own(module: str) -> None:
+    """No import cycle bites whichever module is imported first."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
