@@ -379,7 +379,18 @@ class Core:
     def queue_broadcast(self, payload: bytes, key: str | None = None) -> None:
         """Spread an application message through the piggyback queue. A later
         message with the same key replaces one still queued."""
-        self._queue(wire.encode_message(wire.User(payload)), None if key is None else "u:" + key)
+        data = wire.encode_message(wire.User(payload))
+        if len(data) > self._budget:
+            raise ValueError(
+                f"broadcast of {len(payload)} bytes cannot fit a datagram "
+                f"(max_broadcast_payload is {self.max_broadcast_payload}); use send_reliable"
+            )
+        self._queue(data, None if key is None else "u:" + key)
+
+    @property
+    def max_broadcast_payload(self) -> int:
+        """Largest application broadcast that fits one datagram."""
+        return self._budget - 5  # array, type and bin16 headers
 
     def send_reliable(self, addr: Addr, payload: bytes, now: float) -> int:
         """Send an application message to one member over TCP; it arrives

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .config import Config, lan_config
-from .core import Core, Delegate, StreamRequest
+from .core import BaseDelegate, Core, Delegate, StreamRequest
 from .crypto import Keyring
 from .events import EventKind, MemberEvent
 from .members import Addr, Member, State
@@ -157,10 +157,14 @@ class Simulation:
         node.up = False
         node.next_tick = float("inf")
 
-    def restart(self, node: SimNode, *seeds: SimNode) -> None:
-        """A fresh process with the same name and address rejoins."""
+    def restart(self, node: SimNode, *seeds: SimNode, delegate: Delegate | None = None) -> None:
+        """A fresh process with the same name and address rejoins. The
+        application (delegate) survives unless another is given, as an
+        agent's data dir survives a restart."""
         self._restarts[node.name] = self._restarts.get(node.name, 0) + 1
-        node.core = self._make_core(node.name, node.addr, None, None, None, b"")
+        old = node.core.delegate
+        keep = None if isinstance(old, BaseDelegate) else old
+        node.core = self._make_core(node.name, node.addr, None, None, delegate or keep, b"")
         node.up = True
         node.next_tick = float("inf")
         if seeds:

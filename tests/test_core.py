@@ -206,3 +206,10 @@ def test_stream_ping_answers_only_for_its_own_name() -> None:
     ack = wire.decode_stream(sealer.open(reply, sim.now, stream=True))
     assert isinstance(ack, wire.Ack) and ack.seq == 3
     assert target.handle_stream(wrong, ("10.0.0.2", 7946), sim.now) is None
+
+
+def test_broadcast_too_big_for_a_datagram_is_refused() -> None:
+    core = Core(lan_config(), name="a", addr=("127.0.0.1", 1), keyring=Keyring([KEY]))
+    core.queue_broadcast(b"x" * core.max_broadcast_payload)
+    with pytest.raises(ValueError, match="send_reliable"):
+        core.queue_broadcast(b"x" * (core.max_broadcast_payload + 1))
