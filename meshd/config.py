@@ -664,10 +664,12 @@ def _from_file(layer: _FileLayer | None, setting: _Setting) -> _Raw | None:
         raw.fail(f"must be a string, got {_toml_type(value)}")
     if setting.kind == "bool" and not isinstance(value, bool):
         raw.fail(f"must be true or false, got {_toml_type(value)}")
-    if setting.kind == "list" and not (
-        isinstance(value, list) and all(isinstance(v, str) for v in value)
-    ):
-        raw.fail(f"must be a list of strings, got {_toml_type(value)}")
+    if setting.kind == "list":
+        if not isinstance(value, list):
+            raw.fail(f"must be a list of strings, got {_toml_type(value)}")
+        for item in value:
+            if not isinstance(item, str):
+                raw.fail(f"must be a list of strings, but holds {_toml_type(item)}")
     if setting.kind == "labels":
         if not isinstance(value, dict):
             raw.fail(f'must be a table such as [labels] zone = "a", got {_toml_type(value)}')

@@ -533,7 +533,7 @@ TOML_ERRORS = [
     ("# c\nmdns = 1\n", "line 2: mdns: must be true or false, got an integer"),
     ("bind = 7946\n", "line 1: bind: must be a string, got an integer"),
     ('join = "a"\n', "line 1: join: must be a list of strings, got a string"),
-    ("join = [1]\n", "line 1: join: must be a list of strings, got an array"),
+    ("join = [1]\n", "line 1: join: must be a list of strings, but holds an integer"),
     ('labels = "a=b"\n', 'line 1: labels: must be a table such as [labels] zone = "a", '),
     ("[labels]\nzone = 1.5\n", "line 2: labels.zone: must be a string, got a float"),
     ('[labels]\n"bad key" = "x"\n', "line 2: labels.bad key: label key 'bad key' is not valid"),
