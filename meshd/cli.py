@@ -1,158 +1,179 @@
-"""The `meshd` command.
-
-For now the agent forms the gossip cluster (membership and failure
-detection) and logs membership changes; the API, discovery and workloads
-build on it.
-"""
+"""The `meshd` command: the agent, and a client for a running agent's API."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import base64
+import json
 import logging
 import os
-import signal
-import socket
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from gossip import PROFILES, Gossip, Keyring
-from gossip.agent_cli import join_with_backoff
-from gossip.driver import BindError, parse_addr
+from gossip import Keyring
 
 from . import __version__
 
-DEFAULT_PORT = 7946
-log = logging.getLogger("meshd")
+EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"meshd: error: {message}\n")
-        sys.exit(2)
-
-
-def default_data_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/lib/meshd")
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "meshd"
+        sys.exit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="meshd", description="meshd: a container orchestrator with no manager nodes")
     p.add_argument("--version", action="version", version=f"meshd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    a = sub.add_parser("agent", help="run the agent on this host")
-    a.add_argument("--node", default=socket.gethostname(), help="node name (default: hostname)")
-    a.add_argument(
-        "--bind",
-        default=f"127.0.0.1:{DEFAULT_PORT}",
-        metavar="ADDR[:PORT]",
-        help="gossip address, UDP and TCP (default: loopback)",
-    )
-    a.add_argument("--advertise", metavar="ADDR[:PORT]", help="address peers use to reach us")
-    a.add_argument("--join", action="append", default=[], metavar="ADDR[:PORT]")
-    a.add_argument("--cluster", default="meshd", help="cluster name")
-    a.add_argument("--data-dir", type=Path, default=None, help="state directory")
-    a.add_argument(
-        "--key-file",
-        type=Path,
-        default=None,
-        help="cluster key (default: DATA_DIR/cluster.key, made on first start)",
-    )
-    a.add_argument("--profile", choices=sorted(PROFILES), default="lan")
-    a.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    sub.add_parser("keygen", help="print a new cluster key")
+    sub.add_parser("agent", help="run the agent on this host (meshd agent --help)", add_help=False)
+    sub.add_parser("keygen", help="print a new secret cluster key")
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--addr", help="agent API address (default $MESHD_ADDR or 127.0.0.1:7947)")
+        c.add_argument("--token", help="API token (default $MESHD_TOKEN)")
+        c.add_argument("--json", action="store_true", help="JSON output for scripts")
+        return c
+
+    client("members", "list the cluster's members")
+    client("info", "show this agent")
+    kv = client("kv", "read and write the replicated key/value store")
+    ops = kv.add_subparsers(dest="op", required=True, parser_class=_Parser)
+    ops.add_parser("get").add_argument("key")
+    put = ops.add_parser("put")
+    put.add_argument("key")
+    put.add_argument("value", nargs="?", help="the value (default: read standard input)")
+    ops.add_parser("delete").add_argument("key")
+    ops.add_parser("list").add_argument("prefix", nargs="?", default="")
     return p
 
 
-def _with_port(value: str) -> tuple[str, int]:
-    """ADDR or ADDR:PORT (IPv6 as [ADDR]:PORT or bare); the gossip port by default."""
-    if value.startswith("["):
-        text = value if "]:" in value else f"{value}:{DEFAULT_PORT}"
-    elif value.count(":") > 1:
-        text = f"[{value}]:{DEFAULT_PORT}"
-    elif ":" in value:
-        text = value
-    else:
-        text = f"{value}:{DEFAULT_PORT}"
-    return parse_addr(text, allow_zero_port=True)
-
-
-def load_or_make_key(path: Path) -> Keyring:
-    if path.exists():
-        return Keyring([Keyring.decode_key(path.read_text())])
-    key = Keyring.generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(Keyring.encode_key(key) + "\n")
-    log.info("made a new cluster key in %s: copy it to the other hosts", path)
-    return Keyring([key])
-
-
-async def run_agent(args: argparse.Namespace) -> int:
-    bind = _with_port(args.bind)
-    advertise = _with_port(args.advertise) if args.advertise else None
-    peers = [_with_port(j) for j in args.join]
-    data_dir = args.data_dir or default_data_dir()
-    keyring = load_or_make_key(args.key_file or data_dir / "cluster.key")
-    config = PROFILES[args.profile](cluster_name=args.cluster)
-    g = Gossip(config, name=args.node, bind=bind, advertise=advertise, keyring=keyring)
-    await g.start()
-    log.info(
-        "meshd %s: node %s on %s:%d, cluster %r, key %s",
-        __version__,
-        args.node,
-        *(g.bound or ("?", 0)),
-        args.cluster,
-        Keyring.fingerprint(keyring.primary),
-    )
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-
-    def on_signal() -> None:
-        if stopping.is_set():
-            os._exit(1)  # a second signal: leave at once
-        stopping.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-
-    async def report() -> None:
-        async for ev in g.events():
-            m = ev.member
-            log.info("member %s %s (%s:%d)", m.name, ev.kind.value, m.addr[0], m.addr[1])
-
-    reporter = asyncio.create_task(report())
-    joiner = asyncio.create_task(join_with_backoff(g, peers)) if peers else None
-    await stopping.wait()
-    log.info("leaving the cluster")
-    if joiner is not None:
-        joiner.cancel()
-    await g.leave(timeout=config.leave_propagate_time * 2)
-    await g.stop()
-    await reporter
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "agent":
+        return _agent(args_list[1:])
+    args = build_parser().parse_args(args_list)
     if args.command == "keygen":
         print(Keyring.encode_key(Keyring.generate()))
         return 0
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    return _client_command(args)
+
+
+def _agent(argv: list[str]) -> int:
+    from .agent import StartError, run
+    from .config import ConfigError, load_config
+    from .logs import setup_logging
+
+    try:
+        config = load_config(argv, os.environ)
+    except ConfigError as exc:
+        sys.stderr.write(f"meshd: error: {exc}\n")
+        return EXIT_USAGE
+    setup_logging(config.log_format, config.log_level)
     try:
         import uvloop
 
-        return uvloop.run(run_agent(args))
-    except (BindError, OSError, ValueError) as exc:
+        return uvloop.run(run(config))
+    except StartError as exc:
         sys.stderr.write(f"meshd: error: {exc}\n")
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        logging.shutdown()
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from .client import ApiError, Client, ClientError
+
+    client = Client(args.addr, token=args.token)
+    try:
+        if args.command == "members":
+            _print_members(client.members(), args.json)
+        elif args.command == "info":
+            _print_info(client.agent(), args.json)
+        elif args.command == "kv":
+            return _kv(client, args)
+    except ApiError as exc:
+        sys.stderr.write(f"meshd: error: {exc}\n")
+        return 1
+    except ClientError as exc:
+        sys.stderr.write(f"meshd: error: {exc}\n")
+        return 1
+    return 0
+
+
+def _kv(client: Any, args: argparse.Namespace) -> int:
+    if args.op == "get":
+        value = client.kv_get(args.key)
+        if value is None:
+            sys.stderr.write(f"meshd: error: no key {args.key!r}\n")
+            return 1
+        if args.json:
+            print(json.dumps({"key": args.key, "value_base64": base64.b64encode(value).decode()}))
+        else:
+            sys.stdout.buffer.write(value)
+            if sys.stdout.isatty() and not value.endswith(b"\n"):
+                sys.stdout.write("\n")
+        return 0
+    if args.op == "put":
+        data = args.value.encode() if args.value is not None else sys.stdin.buffer.read()
+        client.kv_put(args.key, data)
+        if args.json:
+            print(json.dumps({"key": args.key, "ok": True}))
+        return 0
+    if args.op == "delete":
+        if not client.kv_delete(args.key):
+            sys.stderr.write(f"meshd: error: no key {args.key!r}\n")
+            return 1
+        return 0
+    items = client.kv_list(args.prefix)
+    if args.json:
+        print(json.dumps(items))
+    else:
+        for item in items:
+            print(item["key"])
+    return 0
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _print_members(members: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(members, indent=2))
+        return
+    rows = []
+    for m in members:
+        cap = m.get("capacity") or {}
+        labels = ",".join(f"{k}={v}" for k, v in sorted((m.get("labels") or {}).items()))
+        rtt = m.get("rtt_ms")
+        rows.append(
+            [
+                m["name"],
+                m["address"],
+                m["status"],
+                str(cap.get("cpu_cores", "")),
+                f"{cap['memory_mb']} MiB" if "memory_mb" in cap else "",
+                str(len(cap.get("gpus") or [])),
+                "" if rtt is None else f"{rtt:.2f} ms",
+                labels,
+            ]
+        )
+    print(_table(rows, ["name", "address", "status", "cpus", "memory", "gpus", "rtt", "labels"]))
+
+
+def _print_info(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+        print(f"{key + ':':<18}{text}")

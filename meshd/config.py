@@ -794,6 +794,17 @@ def _labels(raws: Iterable[_Raw]) -> dict[str, str]:
 # ----- putting it together -----------------------------------------------------------
 
 
+def _interface_hint(raw: _Raw | None) -> str | None:
+    """The --mdns-interface address, when it names one usable address."""
+    if raw is None:
+        return None
+    try:
+        ip = parse_ip(raw.value)
+    except (ConfigError, ValueError, TypeError):
+        return None  # reported where mdns_interface itself is checked
+    return None if _is_wildcard(ip) else ip
+
+
 def load_config(
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -861,7 +872,11 @@ def config_from_args(
         host, port = _check(raw, parse_host_port, DEFAULT_GOSSIP_PORT, empty_host=True)
         bind = (host or detect() or FALLBACK_BIND_HOST, port)
     else:
-        bind = (detect() or FALLBACK_BIND_HOST, DEFAULT_GOSSIP_PORT)
+        # Naming only the interface is enough: gossip binds to its address.
+        bind = (
+            _interface_hint(pick("mdns_interface")) or detect() or FALLBACK_BIND_HOST,
+            DEFAULT_GOSSIP_PORT,
+        )
     advertise: Addr | None = None
     if raw := pick("advertise"):
         advertise = _check(raw, parse_host_port, bind[1], zero_port=bind[1] == 0)

@@ -359,6 +359,7 @@ async def test_other_clusters_and_keys_are_ignored_and_counted(make: Factory) ->
     everyone = [a, b, other_cluster, other_key]
     await asyncio.gather(*(d.start() for d in everyone))
     await a.wait_peers(1, timeout=10)
+    await b.wait_peers(1, timeout=10)
     await async_wait_for(
         lambda: a.stats["ignored_foreign_cluster"] >= 1 and a.stats["ignored_foreign_key"] >= 1,
         timeout=10,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -62,18 +65,40 @@ class Output:
         raise AssertionError(f"{needle!r} not seen; output so far:\n{self.text}")
 
 
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def client(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(*args[:1], "--addr", f"127.0.0.1:{port}", *args[1:])
+
+
 @pytest.mark.integration
-def test_two_agents_form_a_cluster_and_leave_on_sigterm(tmp_path: Path) -> None:
-    common = ["--data-dir", str(tmp_path), "--profile", "local"]
+def test_two_agents_form_a_cluster_answer_the_cli_and_leave(tmp_path: Path) -> None:
+    gossip_a, api_a, api_b = free_port("127.0.0.1"), free_port("127.0.0.1"), free_port("127.0.0.2")
+    common = ["--profile", "local", "--no-mdns", "--cluster", f"t{os.getpid()}"]
     a = subprocess.Popen(
-        [*MESHD, "agent", "--node", "a", "--bind", "127.0.0.1:0", *common],
+        [
+            *MESHD,
+            "agent",
+            "--node",
+            "a",
+            "--bind",
+            f"127.0.0.1:{gossip_a}",
+            "--api",
+            f"127.0.0.1:{api_a}",
+            "--data-dir",
+            str(tmp_path / "a"),
+            *common,
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )
+    b = None
     try:
-        a_out = Output(a)
-        out = a_out.wait_for("node a on 127.0.0.1:", 15)
-        port = out.split("node a on 127.0.0.1:")[1].split(",")[0]
+        Output(a).wait_for("node a", 15)
         b = subprocess.Popen(
             [
                 *MESHD,
@@ -82,22 +107,46 @@ def test_two_agents_form_a_cluster_and_leave_on_sigterm(tmp_path: Path) -> None:
                 "b",
                 "--bind",
                 "127.0.0.2:0",
+                "--api",
+                f"127.0.0.1:{api_b}",
                 "--join",
-                f"127.0.0.1:{port}",
+                f"127.0.0.1:{gossip_a}",
+                "--data-dir",
+                str(tmp_path / "b"),
                 *common,
             ],
             stderr=subprocess.PIPE,
             text=True,
         )
-        try:
-            b_out = Output(b)
-            b_out.wait_for("member a join", 15)
-            a.send_signal(signal.SIGTERM)
-            assert a.wait(10) == 0
-            b_out.wait_for("member a leave", 10)
-        finally:
-            b.send_signal(signal.SIGTERM)
-            assert b.wait(10) == 0
+        b_out = Output(b)
+        b_out.wait_for("member a join", 15)
+
+        members = json.loads(client(api_a, "members", "--json").stdout)
+        assert {m["name"]: m["status"] for m in members} == {"a": "alive", "b": "alive"}
+        table = client(api_a, "members").stdout
+        assert table.splitlines()[0].split()[:3] == ["NAME", "ADDRESS", "STATUS"]
+        assert client(api_a, "kv", "put", "app/x", "hello").returncode == 0
+        deadline = time.monotonic() + 10
+        while client(api_b, "kv", "get", "app/x").stdout != "hello":
+            assert time.monotonic() < deadline, "write did not reach b"
+            time.sleep(0.05)
+        assert client(api_b, "kv", "list", "app/").stdout.split() == ["app/x"]
+        assert client(api_b, "kv", "delete", "app/x").returncode == 0
+        assert client(api_b, "kv", "get", "app/x").returncode == 1
+        assert json.loads(client(api_a, "info", "--json").stdout)["name"] == "a"
+
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(10) == 0
+        b_out.wait_for("member a leave", 10)
     finally:
-        if a.poll() is None:
-            a.kill()
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(10)
+
+
+def test_cli_explains_an_unreachable_agent() -> None:
+    out = client(free_port("127.0.0.1"), "members")
+    assert out.returncode == 1
+    assert "cannot reach the meshd agent" in out.stderr
+    assert "Traceback" not in out.stderr
