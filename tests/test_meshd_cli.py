@@ -150,3 +150,30 @@ def test_cli_explains_an_unreachable_agent() -> None:
     assert out.returncode == 1
     assert "cannot reach the meshd agent" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("which", ["gossip", "api"])
+def test_port_in_use_is_one_clear_line(which: str, tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+        udp.bind(("127.0.0.1", 0))
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        gossip = udp.getsockname()[1] if which == "gossip" else free_port("127.0.0.1")
+        api = tcp.getsockname()[1] if which == "api" else free_port("127.0.0.1")
+        out = run(
+            "agent",
+            "--node",
+            "z",
+            "--bind",
+            f"127.0.0.1:{gossip}",
+            "--api",
+            f"127.0.0.1:{api}",
+            "--data-dir",
+            str(tmp_path),
+            "--no-mdns",
+        )
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("meshd: error:") and "in use" in last.lower()
+    assert "Traceback" not in out.stderr
