@@ -205,7 +205,9 @@ class Agent:
             if n:
                 log.info("joined through %d of %d peers", n, len(peers))
                 return
-            log.warning("could not join %s; retrying in %.1fs", ", ".join(peers), delay)
+            log.warning(
+                "could not join %s; retrying in %.1fs", ", ".join(map(format_addr, peers)), delay
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, JOIN_BACKOFF_MAX)
 
