@@ -54,6 +54,8 @@ class AgentProc:
         self.left: dict[str, float] = {}
         self.dead: dict[str, float] = {}
         self.tail: deque[str] = deque(maxlen=40)
+        self.messages: deque[str] = deque(maxlen=10_000)
+        """The msg field of every JSON log line, oldest first."""
         self._cond = cond
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -75,6 +77,7 @@ class AgentProc:
             msg = json.loads(line).get("msg", "")
         except (ValueError, AttributeError):
             return
+        self.messages.append(msg)
         parts = msg.split()
         if len(parts) >= 3 and parts[0] == "member":
             name, kind = parts[1], parts[2]
@@ -86,13 +89,26 @@ class AgentProc:
             elif kind == "leave":
                 self.left.setdefault(name, t)
 
-    def api(self, path: str, *, method: str = "GET", body: bytes | None = None) -> Any:
-        """Call this agent's API from inside its namespace."""
+    def request(
+        self, path: str, *, method: str = "GET", body: bytes | None = None
+    ) -> tuple[int, Any]:
+        """Call this agent's API from inside its namespace: (status, parsed JSON).
+
+        HTTP error statuses are returned, not raised; an agent that does not
+        answer at all raises RuntimeError.
+        """
         script = (
-            "import sys, urllib.request\n"
+            "import sys, urllib.error, urllib.request\n"
             f"req = urllib.request.Request('http://127.0.0.1:{API_PORT}' + sys.argv[1], "
             "method=sys.argv[2], data=sys.stdin.buffer.read() or None)\n"
-            "print(urllib.request.urlopen(req, timeout=5).read().decode())\n"
+            "try:\n"
+            "    resp = urllib.request.urlopen(req, timeout=5)\n"
+            "    status, data = resp.status, resp.read()\n"
+            "except urllib.error.HTTPError as exc:\n"
+            "    status, data = exc.code, exc.read()\n"
+            "sys.stdout.write(f'{status}\\n')\n"
+            "sys.stdout.flush()\n"
+            "sys.stdout.buffer.write(data)\n"
         )
         out = self.lab.run(
             self.host,
@@ -103,8 +119,25 @@ class AgentProc:
         )
         if out.returncode != 0:
             raise RuntimeError(f"{self.name} {method} {path}: {out.stderr.decode()[-300:]}")
-        text = out.stdout.decode()
-        return json.loads(text) if text.strip() else None
+        head, _, text = out.stdout.decode().partition("\n")
+        try:
+            doc = json.loads(text) if text.strip() else None
+        except ValueError:
+            doc = text
+        return int(head), doc
+
+    def api(self, path: str, *, method: str = "GET", body: bytes | None = None) -> Any:
+        """Call this agent's API from inside its namespace; HTTP errors raise
+        RuntimeError."""
+        status, doc = self.request(path, method=method, body=body)
+        if status >= 400:
+            raise RuntimeError(f"{self.name} {method} {path}: HTTP {status}: {doc}")
+        return doc
+
+    def logged(self, text: str) -> list[str]:
+        """The log messages so far that contain text."""
+        with self._cond:
+            return [m for m in self.messages if text in m]
 
     def rss_mb(self) -> float:
         try:
@@ -156,7 +189,7 @@ class LabCluster:
 
     def __enter__(self) -> LabCluster:
         Lab.reap_stale(self.lab.prefix)
-        self.lab.up(self.n)
+        self.lab.up(self.n, owner_pid=os.getpid())
         shutil.rmtree(self.workdir, ignore_errors=True)
         return self
 
@@ -204,9 +237,7 @@ class LabCluster:
     def all_joined(self, hosts: Sequence[int] | None = None) -> bool:
         hosts = list(hosts or self.agents)
         names = {f"h{i}" for i in hosts}
-        return all(
-            names - {self.agents[i].name} <= set(self.agents[i].joined) for i in hosts
-        )
+        return all(names - {self.agents[i].name} <= set(self.agents[i].joined) for i in hosts)
 
     def formed_at(self, hosts: Sequence[int] | None = None) -> float:
         """When the last agent had seen every other join."""
