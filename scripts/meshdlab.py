@@ -54,8 +54,8 @@ class AgentProc:
         self.left: dict[str, float] = {}
         self.dead: dict[str, float] = {}
         self.tail: deque[str] = deque(maxlen=40)
-        self.messages: deque[str] = deque(maxlen=10_000)
-        """The msg field of every JSON log line, oldest first."""
+        self.messages: deque[tuple[float, str]] = deque(maxlen=10_000)
+        """(time read, msg field) of every JSON log line, oldest first."""
         self._cond = cond
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -77,7 +77,7 @@ class AgentProc:
             msg = json.loads(line).get("msg", "")
         except (ValueError, AttributeError):
             return
-        self.messages.append(msg)
+        self.messages.append((t, msg))
         parts = msg.split()
         if len(parts) >= 3 and parts[0] == "member":
             name, kind = parts[1], parts[2]
@@ -137,7 +137,12 @@ class AgentProc:
     def logged(self, text: str) -> list[str]:
         """The log messages so far that contain text."""
         with self._cond:
-            return [m for m in self.messages if text in m]
+            return [m for _, m in self.messages if text in m]
+
+    def logged_at(self, text: str) -> float | None:
+        """When the first log message containing text was read, if one was."""
+        with self._cond:
+            return next((t for t, m in self.messages if text in m), None)
 
     def rss_mb(self) -> float:
         try:
