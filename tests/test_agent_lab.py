@@ -13,7 +13,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -27,6 +27,14 @@ POLL = 0.2
 """Seconds between polls of an agent's API (each poll starts a process)."""
 NOT_YET = (AssertionError, RuntimeError)
 """A failed condition, or an agent that does not answer (yet)."""
+REPAIR_LAN = 75.0
+"""Deadline for the store to agree under the LAN profile. A rumoured write
+reaches every node within a second nearly always, but rumours are lossy by
+design (now and then a node misses every copy, more so while a dead member
+still takes its share of them) and push-pull anti-entropy, every 30 s per
+node, is what repairs them."""
+REPAIR_LOCAL = 30.0
+"""The same under the local profile (push-pull every 5 s)."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,27 +68,33 @@ def until(pred: Callable[[], Any], timeout: float, message: str) -> Any:
 
 
 def wait_members(
-    cluster: LabCluster, hosts: Iterable[int], want: dict[str, str], timeout: float
+    cluster: LabCluster, hosts: Sequence[int], want: dict[str, str], timeout: float
 ) -> None:
     """Every agent of hosts lists exactly want (name -> status)."""
-    for i in hosts:
-        until(
-            lambda i=i: statuses(cluster.agents[i]) == want,
-            timeout,
-            f"h{i} to list exactly {want}",
-        )
+
+    def agree() -> bool:
+        for i in hosts:
+            got = statuses(cluster.agents[i])
+            assert got == want, f"h{i} lists {got}"
+        return True
+
+    until(agree, timeout, f"{sorted(names(hosts))} to list exactly {want}")
 
 
 def wait_store(
-    cluster: LabCluster, hosts: Iterable[int], prefix: str, want: dict[str, str], timeout: float
+    cluster: LabCluster, hosts: Sequence[int], prefix: str, want: dict[str, str], timeout: float
 ) -> None:
     """Every agent of hosts holds exactly want under prefix."""
-    for i in hosts:
-        until(
-            lambda i=i: kv(cluster.agents[i], prefix) == want,
-            timeout,
-            f"h{i} to hold {want} under {prefix!r}",
-        )
+
+    def agree() -> bool:
+        for i in hosts:
+            got = kv(cluster.agents[i], prefix)
+            missing = sorted(k for k in want if got.get(k) != want[k])
+            extra = sorted(set(got) - set(want))
+            assert not missing and not extra, f"h{i}: missing {missing}, extra {extra}"
+        return True
+
+    until(agree, timeout, f"{sorted(names(hosts))} to hold {len(want)} keys under {prefix!r}")
 
 
 def wait_event(cluster: LabCluster, pred: Callable[[], bool], timeout: float, message: str) -> None:
@@ -191,12 +205,12 @@ class TestZeroConfigCluster:
     def test_a_write_on_one_node_is_readable_on_all(self, mesh: LabCluster) -> None:
         t0 = time.monotonic()
         put(mesh.agents[2], "spread/one", "hello")
-        wait_store(mesh, FIVE, "spread/", {"spread/one": "hello"}, 10)
+        wait_store(mesh, FIVE, "spread/", {"spread/one": "hello"}, REPAIR_LAN)
         print(f"\nwrite on h2 read back from all 5 within {time.monotonic() - t0:.2f} s")
         assert mesh.agents[4].api("/v1/kv/spread/one")["value"] == "hello"
 
         mesh.agents[3].api("/v1/kv/spread/one", method="DELETE")
-        wait_store(mesh, FIVE, "spread/", {}, 10)
+        wait_store(mesh, FIVE, "spread/", {}, REPAIR_LAN)
         for i in FIVE:
             status, body = mesh.agents[i].request("/v1/kv/spread/one")
             assert status == 404, body
@@ -204,7 +218,7 @@ class TestZeroConfigCluster:
     def test_a_killed_node_catches_up_after_restart(self, mesh: LabCluster) -> None:
         others = range(1, 5)
         put(mesh.agents[1], "kill/gone", "soon deleted")
-        wait_store(mesh, [5], "kill/", {"kill/gone": "soon deleted"}, 10)
+        wait_store(mesh, [5], "kill/", {"kill/gone": "soon deleted"}, REPAIR_LAN)
 
         t_kill = time.monotonic()
         mesh.agents[5].stop(signal.SIGKILL)
@@ -226,12 +240,12 @@ class TestZeroConfigCluster:
                 if all("h5" in mesh.agents[i].dead for i in others):
                     extra -= 1
         print(f"\nh5 killed: all others saw it dead within {time.monotonic() - t_kill:.1f} s")
-        wait_store(mesh, others, "kill/", want, 10)
 
         t_restart = time.monotonic()
         restarted = mesh.start(5)
-        wait_store(mesh, [5], "kill/", want, 30)
+        wait_store(mesh, [5], "kill/", want, REPAIR_LAN)
         caught_up = time.monotonic() - t_restart
+        wait_store(mesh, FIVE, "kill/", want, REPAIR_LAN)
         wait_event(
             mesh,
             lambda: all("h5" not in mesh.agents[i].dead for i in others),
@@ -288,7 +302,9 @@ def test_partition_heals_and_the_store_converges() -> None:
         a = cluster.agents
         put(a[1], "part/base", "before")
         put(a[1], "part/kept", "before")
-        wait_store(cluster, FIVE, "part/", {"part/base": "before", "part/kept": "before"}, 10)
+        wait_store(
+            cluster, FIVE, "part/", {"part/base": "before", "part/kept": "before"}, REPAIR_LOCAL
+        )
 
         cluster.lab.split(side_a, side_b)
         t_split = time.monotonic()
@@ -320,7 +336,19 @@ def test_partition_heals_and_the_store_converges() -> None:
                 "part/a2": "from h2",
                 "part/both": "side a",
             },
-            10,
+            REPAIR_LOCAL,
+        )
+        wait_store(
+            cluster,
+            side_b,
+            "part/",
+            {
+                "part/kept": "before",
+                "part/b3": "from h3",
+                "part/b5": "from h5",
+                "part/both": "side b",
+            },
+            REPAIR_LOCAL,
         )
 
         cluster.lab.heal()
