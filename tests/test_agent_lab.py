@@ -97,14 +97,18 @@ def wait_store(
     until(agree, timeout, f"{sorted(names(hosts))} to hold {len(want)} keys under {prefix!r}")
 
 
+def refused(agent: AgentProc, reason: str) -> set[str]:
+    """mDNS names whose announcements agent ignored for reason (debug log)."""
+    return {m.split()[1] for m in agent.logged(reason) if m.startswith("ignoring ")}
+
+
 def wait_event(cluster: LabCluster, pred: Callable[[], bool], timeout: float, message: str) -> None:
     """Wait on what the agents' logs say (no polling: woken per log line)."""
     assert cluster.wait(pred, timeout), f"timed out after {timeout}s waiting for {message}"
 
 
-def start_all(cluster: LabCluster, hosts: Iterable[int], *flags: str) -> float:
-    """Start an agent on each host; return when they have all seen each other
-    join, with the seconds from the last start until then."""
+def start_all(cluster: LabCluster, hosts: Iterable[int], *flags: str) -> None:
+    """Start an agent on each host; return when they have all seen each other join."""
     hosts = list(hosts)
     for i in hosts:
         cluster.start(i, *flags)
@@ -114,7 +118,6 @@ def start_all(cluster: LabCluster, hosts: Iterable[int], *flags: str) -> float:
         30,
         f"{sorted(names(hosts))} to see each other join",
     )
-    return cluster.formed_at(hosts) - cluster.agents[hosts[-1]].started
 
 
 # ----- one zero-config cluster, shared by several tests -----------------------------
@@ -169,16 +172,7 @@ class TestZeroConfigCluster:
             ):
                 wait_event(
                     mesh,
-                    lambda agent=agent, reason=reason: (
-                        len(
-                            {
-                                m.split()[1]
-                                for m in agent.logged(reason)
-                                if m.startswith("ignoring ")
-                            }
-                        )
-                        >= 6
-                    ),
+                    lambda agent=agent, reason=reason: len(refused(agent, reason)) >= 6,
                     20,
                     f"{agent.name} to refuse the announcements of the six others",
                 )
