@@ -55,6 +55,11 @@ class Config:
     retransmit_mult: int = 4
     """Each broadcast is sent retransmit_mult x ceil(log10(N+1)) times, which
     reaches every member with high probability."""
+    retransmit_min: int = 8
+    """Floor on the retransmit limit. In a small cluster mult x log10(N+1) is
+    4 sends, and a message then misses some member about once in a thousand
+    (each holder's few sends can all pick others); 8 makes that about one in
+    a million, for a cost only small clusters pay."""
     udp_buffer_size: int = 1400
     """Largest datagram we build: fits a 1500-byte Ethernet MTU with IP/UDP
     headers, so nothing is fragmented."""
@@ -91,7 +96,7 @@ class Config:
         return self.suspicion_mult * max(1.0, math.log10(max(1, n))) * self.probe_interval
 
     def retransmit_limit(self, n: int) -> int:
-        return self.retransmit_mult * math.ceil(math.log10(n + 1))
+        return max(self.retransmit_min, self.retransmit_mult * math.ceil(math.log10(n + 1)))
 
     def push_pull_scaled(self, n: int) -> float:
         """Push-pull interval scaled with size: beyond 32 members double it for

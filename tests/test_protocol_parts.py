@@ -92,7 +92,8 @@ def test_profiles_are_ordered_by_patience() -> None:
     local, lan, wan = local_config(), lan_config(), wan_config()
     assert local.probe_interval < lan.probe_interval < wan.probe_interval
     assert lan.suspicion_min(1000) > lan.suspicion_min(10) == lan.probe_interval
-    assert lan.retransmit_limit(5) == 4
+    assert lan.retransmit_limit(5) == 8  # the floor
+    assert lan_config(retransmit_min=0).retransmit_limit(5) == 4
     assert lan.retransmit_limit(1000) == 16
     assert lan.push_pull_scaled(10) == lan.push_pull_interval
     assert lan.push_pull_scaled(1000) > lan.push_pull_interval
