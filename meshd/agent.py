@@ -121,6 +121,7 @@ class Agent:
             await self._gossip.start()
         except (OSError, ValueError) as exc:
             raise StartError(str(exc)) from None
+        self.spawn(self._log_events())  # before discovery: joins start during it
         app = create_app(self, token=cfg.api_token)
         try:
             self._api_runner = await serve(app, *cfg.api)
@@ -142,7 +143,6 @@ class Agent:
         if cfg.join:
             self.spawn(self._join_static(list(cfg.join)))
         self.spawn(self._collect_garbage())
-        self.spawn(self._log_events())
         log.info(
             "meshd %s: node %s, gossip %s, api %s, cluster %r, key %s%s",
             __version__,
