@@ -138,6 +138,7 @@ class Agent:
                 gossip_addr=self.gossip.core.addr,
                 interfaces=[cfg.mdns_interface],
                 on_peer=self._on_peer,
+                probe=False,  # names carry the key fingerprint: announce at once
             )
             await self._discovery.start()
         if cfg.join:

@@ -652,3 +652,17 @@ def test_runner_refuses_bad_arguments_in_one_line() -> None:
     )
     assert out.returncode == 2
     assert out.stderr.strip() == "error: interface 0.0.0.0 means every interface: name one address"
+
+
+@pytest.mark.integration
+async def test_without_probing_names_carry_the_key_and_never_collide(make: Factory) -> None:
+    # Same hostname in two clusters (other key): both announce at once, neither
+    # renames, and each still finds only its own peer.
+    a, b = make("host", probe=False), make("peer", probe=False)
+    other = make("host", fp="feedfacefeedface", probe=False)
+    await asyncio.gather(a.start(), b.start(), other.start())
+    assert {p.node for p in await a.wait_peers(1, timeout=5)} == {"peer"}
+    assert {p.node for p in await b.wait_peers(1, timeout=5)} == {"host"}
+    assert a.instance_name != other.instance_name
+    assert a.stats["name_conflicts"] == other.stats["name_conflicts"] == 0
+    assert other.peers() == []

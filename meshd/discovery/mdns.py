@@ -161,8 +161,10 @@ class MdnsDiscovery:
         service_type: str = SERVICE_TYPE,
         on_peer: Callable[[Peer], None] | None = None,
         on_peer_gone: Callable[[Peer], None] | None = None,
+        probe: bool = True,
     ) -> None:
         host, port = gossip_addr
+        self.probe = probe
         self.node = node
         self.cluster = cluster
         self.key_fingerprint = key_fingerprint
@@ -179,7 +181,14 @@ class MdnsDiscovery:
             host=self.gossip_addr[0],
             port=self.gossip_addr[1],
         )
-        self._label = instance_label(node)
+        # Without probing the name must be unique by construction: the key's
+        # fingerprint keeps agents of other clusters (or keys) that share a
+        # hostname apart, and within one cluster node names are unique anyway.
+        self._label = (
+            instance_label(node)
+            if probe
+            else f"{instance_label(node)[: _LABEL_MAX - 9]}-{key_fingerprint[:8]}"
+        )
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._lock = asyncio.Lock()
         self._aiozc: AsyncZeroconf | None = None
@@ -292,7 +301,10 @@ class MdnsDiscovery:
                 other_ttl=RECORD_TTL,
             )
             try:
-                announcing = await self._aiozc.async_register_service(info)
+                # Skipping the RFC 6762 probe (about 1.2 s) announces at once.
+                announcing = await self._aiozc.async_register_service(
+                    info, cooperating_responders=not self.probe
+                )
             except NonUniqueNameException:
                 self.stats["name_conflicts"] += 1
                 log.info("mDNS name %s is taken, trying another", info.name)
