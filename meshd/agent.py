@@ -122,14 +122,6 @@ class Agent:
         except (OSError, ValueError) as exc:
             raise StartError(str(exc)) from None
         self.spawn(self._log_events())  # before discovery: joins start during it
-        app = create_app(self, token=cfg.api_token)
-        try:
-            self._api_runner = await serve(app, *cfg.api)
-        except (OSError, ValueError) as exc:
-            await self._gossip.stop()
-            raise StartError(f"--api {format_addr(cfg.api)}: {exc}") from None
-        self.api_addr = cfg.api
-        self.started_at = time.time()
         if cfg.mdns and cfg.mdns_interface:
             self._discovery = MdnsDiscovery(
                 node=self.name,
@@ -140,7 +132,21 @@ class Agent:
                 on_peer=self._on_peer,
                 probe=False,  # names carry the key fingerprint: announce at once
             )
-            await self._discovery.start()
+            try:
+                await self._discovery.start()
+            except (OSError, ValueError, RuntimeError) as exc:
+                await self._gossip.stop()
+                raise StartError(f"--mdns-interface {cfg.mdns_interface}: {exc}") from None
+        app = create_app(self, token=cfg.api_token)
+        try:
+            self._api_runner = await serve(app, *cfg.api)
+        except (OSError, ValueError) as exc:
+            if self._discovery is not None:
+                await self._discovery.stop()
+            await self._gossip.stop()
+            raise StartError(f"--api {format_addr(cfg.api)}: {exc}") from None
+        self.api_addr = cfg.api
+        self.started_at = time.time()
         if cfg.join:
             self.spawn(self._join_static(list(cfg.join)))
         self.spawn(self._collect_garbage())
