@@ -205,7 +205,7 @@ class Agent:
             return
         self.spawn(self.gossip.join([(peer.host, peer.port)]))
 
-    async def _join_static(self, peers: list[str]) -> None:
+    async def _join_static(self, peers: list[tuple[str, int]]) -> None:
         delay = JOIN_BACKOFF_FIRST
         while True:
             n = await self.gossip.join(peers)
