@@ -26,7 +26,7 @@ from .config import AgentConfig
 from .discovery import MdnsDiscovery, Peer
 from .facts import NodeFacts, collect_facts, decode_meta, encode_meta
 from .state.replication import GossipTransport, Replicator
-from .state.store import Entry, Store
+from .state.store import Entry, PersistenceError, Store
 
 log = logging.getLogger("meshd.agent")
 
@@ -103,7 +103,10 @@ class Agent:
             )
         # nvidia-smi may take seconds: keep the loop free meanwhile.
         self.facts = await asyncio.to_thread(collect_facts, cfg)
-        self.store = Store.open(self.name, data_dir / "state.db")
+        try:
+            self.store = Store.open(self.name, data_dir / "state.db")
+        except PersistenceError as exc:
+            raise StartError(str(exc)) from None
         self._transport = GossipTransport()
         self.replicator = Replicator(self.store, self.name, _wall_ms, self._transport)
         gossip_config = PROFILES[cfg.profile](cluster_name=cfg.cluster)

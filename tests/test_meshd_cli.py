@@ -177,3 +177,22 @@ def test_port_in_use_is_one_clear_line(which: str, tmp_path: Path) -> None:
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("meshd: error:") and "in use" in last.lower()
     assert "Traceback" not in out.stderr
+
+
+def test_unreadable_state_database_is_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "state.db").write_bytes(b"not a database at all" * 100)
+    out = run(
+        "agent",
+        "--node",
+        "z",
+        "--bind",
+        f"127.0.0.1:{free_port('127.0.0.1')}",
+        "--api",
+        f"127.0.0.1:{free_port('127.0.0.1')}",
+        "--data-dir",
+        str(tmp_path),
+        "--no-mdns",
+    )
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("meshd: error: state database") and "Traceback" not in out.stderr
