@@ -1,0 +1,17 @@
+"""Service specs: what users write, checked field by field, and the stored form."""
+
+from .errors import SpecError
+from .model import Constraint, Health, Port, Resources, ServiceSpec, Update
+from .parse import parse_spec, specs_from_value
+
+__all__ = [
+    "Constraint",
+    "Health",
+    "Port",
+    "Resources",
+    "ServiceSpec",
+    "SpecError",
+    "Update",
+    "parse_spec",
+    "specs_from_value",
+]
