@@ -484,3 +484,22 @@ def test_random_specs_raise_only_spec_error(value: dict) -> None:
 def test_random_text_raises_only_spec_error(data: str | bytes) -> None:
     with contextlib.suppress(SpecError):
         parse_spec(data)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "a", "image": "x", "replicas": 1%s}' % ("0" * 5000),
+        "name: a\nimage: x\nreplicas: 1%s\n" % ("0" * 5000),
+        '{"name": "a", "image": "x", "resources": {"cpu": 1%s}}' % ("0" * 400),
+        "name: a\nimage: x\nresources: {memory: 1%s}\n" % ("0" * 400),
+        "name: a\nimage: x\nhealth: {exec: [x], interval: 1%s}\n" % ("0" * 400),
+        "x: !!timestamp 2020-99-99",
+        "x: !!float zz",
+        '!!int "0x"',
+        "a: !!python/object:os.system x",
+    ],
+)
+def test_hostile_scalars_are_spec_errors(text: str) -> None:
+    with pytest.raises(SpecError):
+        parse_spec(text)

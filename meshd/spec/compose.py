@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import SpecError, join
+from .errors import SpecError, join, show
 from .units import parse_cpu, parse_duration, parse_size
 
 _TOP_KNOWN = ("services", "version", "name")
@@ -127,7 +127,7 @@ def _short_port(text: str, path: str, warnings: list[str]) -> dict[str, Any]:
     if match is None:
         raise SpecError(
             path,
-            f"cannot parse port {text!r} (use e.g. '80', '8080:80' or "
+            f"cannot parse port {show(text)} (use e.g. '80', '8080:80' or "
             "'127.0.0.1:8080:80/tcp'; ranges are not supported)",
         )
     if match["ip"]:
@@ -162,13 +162,13 @@ def _long_port(entry: Mapping[Any, Any], path: str, warnings: list[str]) -> dict
 
 def _protocol(value: object, path: str) -> None:
     if value != "tcp":
-        raise SpecError(path, f"only tcp is supported, got {value!r}")
+        raise SpecError(path, f"only tcp is supported, got {show(value)}")
 
 
 def _restart(value: object, path: str) -> str:
     text = value.split(":", 1)[0] if isinstance(value, str) else None
     if text not in _RESTART:
-        raise SpecError(path, f"must be one of {', '.join(_RESTART)}, got {value!r}")
+        raise SpecError(path, f"must be one of {', '.join(_RESTART)}, got {show(value)}")
     return _RESTART[text]
 
 
@@ -186,7 +186,7 @@ def _deploy(value: object, path: str, spec: dict[str, Any], warnings: list[str])
         if not isinstance(condition, str) or condition not in _CONDITION:
             raise SpecError(
                 join(join(path, "restart_policy"), "condition"),
-                f"must be one of {', '.join(_CONDITION)}, got {condition!r}",
+                f"must be one of {', '.join(_CONDITION)}, got {show(condition)}",
             )
         spec["restart"] = _CONDITION[condition]
     if value.get("resources") is not None:
@@ -230,7 +230,7 @@ def _gpus(value: object, path: str) -> int:
         count = dev.get("count", 1)
         if count == "all" or isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise SpecError(
-                join(join(path, i), "count"), f"must be a number of GPUs, got {count!r}"
+                join(join(path, i), "count"), f"must be a number of GPUs, got {show(count)}"
             )
         total += count
     return total
@@ -254,7 +254,7 @@ def _healthcheck(value: object, path: str) -> dict[str, Any] | None:
         elif head == "CMD-SHELL":
             command = ["/bin/sh", "-c", " ".join(rest)]
         else:
-            raise SpecError(sub, f"must start with CMD, CMD-SHELL or NONE, got {head!r}")
+            raise SpecError(sub, f"must start with CMD, CMD-SHELL or NONE, got {show(head)}")
         if not command:
             raise SpecError(sub, "has no command")
     else:

@@ -24,6 +24,15 @@ class SpecError(ValueError):
         return SpecError(f"{prefix}{sep}{self.path}", self.message)
 
 
+def show(value: object, limit: int = 40) -> str:
+    """A value for an error message: short, and safe for huge numbers."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"a {type(value).__name__} too large to print"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def join(path: str, key: str | int) -> str:
     """Extend a field path by a key or a list index."""
     if isinstance(key, int):

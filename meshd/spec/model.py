@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SpecError, join
+from .errors import SpecError, join, show
 from .units import parse_cpu, parse_duration, parse_size
 
 VERSION = 1
@@ -76,7 +76,7 @@ def _int(value: object, path: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(path, f"must be an integer {low}..{high}, got {_type_name(value)}")
     if not low <= value <= high:
-        raise SpecError(path, f"must be {low}..{high}, got {value}")
+        raise SpecError(path, f"must be {low}..{high}, got {show(value)}")
     return value
 
 
@@ -88,7 +88,7 @@ def _bool(value: object, path: str) -> bool:
 
 def _choice(value: object, path: str, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise SpecError(path, f"must be one of {', '.join(choices)}, got {value!r}")
+        raise SpecError(path, f"must be one of {', '.join(choices)}, got {show(value)}")
     return value
 
 
@@ -141,7 +141,7 @@ class Port:
         name = _str(data["name"], join(path, "name"))
         if not _DNS_LABEL.fullmatch(name) or len(name) > 15:
             raise SpecError(
-                join(path, "name"), f"must be 1-15 characters of a-z, 0-9 and '-', got {name!r}"
+                join(path, "name"), f"must be 1-15 characters of a-z, 0-9 and '-', got {show(name)}"
             )
         service_port = data.get("service_port")
         if service_port is not None:
@@ -212,20 +212,20 @@ class Constraint:
         if match is None:
             raise SpecError(
                 path,
-                f"cannot parse constraint {text!r} "
+                f"cannot parse constraint {show(text)} "
                 "(use e.g. 'label.zone == a' or 'label.disk in (ssd, nvme)')",
             )
         attr, op, rest = match.groups()
         _check_attr(attr, path)
         if op == "in":
             if not (rest.startswith("(") and rest.endswith(")")):
-                raise SpecError(path, f"'in' needs a list in parentheses, got {rest!r}")
+                raise SpecError(path, f"'in' needs a list in parentheses, got {show(rest)}")
             items = [v.strip() for v in rest[1:-1].split(",")]
             if not items or any(not _CONSTRAINT_VALUE.fullmatch(v) for v in items):
-                raise SpecError(path, f"bad value list {rest!r}")
+                raise SpecError(path, f"bad value list {show(rest)}")
             return cls(attr, op, tuple(items))
         if not _CONSTRAINT_VALUE.fullmatch(rest):
-            raise SpecError(path, f"bad value {rest!r} in constraint")
+            raise SpecError(path, f"bad value {show(rest)} in constraint")
         return cls(attr, op, rest)
 
 
@@ -235,17 +235,17 @@ def _check_attr(attr: str, path: str) -> None:
     if attr.startswith("label."):
         _label_key(attr[len("label.") :], path)
         return
-    raise SpecError(path, f"unknown attribute {attr!r} (use node.name, node.id or label.<key>)")
+    raise SpecError(path, f"unknown attribute {show(attr)} (use node.name, node.id or label.<key>)")
 
 
 def _label_key(key: str, path: str) -> str:
     prefix, _, name = key.rpartition("/")
     if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
-        raise SpecError(path, f"bad label key prefix {prefix!r} (must be a DNS subdomain)")
+        raise SpecError(path, f"bad label key prefix {show(prefix)} (must be a DNS subdomain)")
     if not _LABEL_NAME.fullmatch(name):
         raise SpecError(
             path,
-            f"bad label key {key!r} (1-63 characters of A-Z, a-z, 0-9, "
+            f"bad label key {show(key)} (1-63 characters of A-Z, a-z, 0-9, "
             "'-', '_', '.', starting and ending alphanumeric)",
         )
     return key
@@ -260,7 +260,7 @@ def _labels(value: object, path: str) -> dict[str, str]:
         if text and not _LABEL_NAME.fullmatch(text):
             raise SpecError(
                 sub,
-                f"bad label value {text!r} (at most 63 characters of A-Z, a-z, "
+                f"bad label value {show(text)} (at most 63 characters of A-Z, a-z, "
                 "0-9, '-', '_', '.', starting and ending alphanumeric)",
             )
         out[key] = text
@@ -330,7 +330,7 @@ class Health:
             path_ = _str(data["http"], join(path, "http"))
             if not path_.startswith("/"):
                 raise SpecError(
-                    join(path, "http"), f"must be a path starting with '/', got {path_!r}"
+                    join(path, "http"), f"must be a path starting with '/', got {show(path_)}"
                 )
             port = _port_ref(data.get("port"), join(path, "port"), names)
         elif kind == "tcp":
@@ -374,7 +374,7 @@ def _port_ref(value: object, path: str, names: list[str]) -> str:
         return names[0]
     name = _str(value, path)
     if name not in names:
-        raise SpecError(path, f"no port named {name!r} (ports: {', '.join(names) or 'none'})")
+        raise SpecError(path, f"no port named {show(name)} (ports: {', '.join(names) or 'none'})")
     return name
 
 
@@ -498,7 +498,9 @@ class ServiceSpec:
         _known(data, path, FIELDS)
         at = lambda key: join(path, key)  # noqa: E731
         if "v" in data and data["v"] != VERSION:
-            raise SpecError(at("v"), f"unsupported spec version {data['v']!r} (this is {VERSION})")
+            raise SpecError(
+                at("v"), f"unsupported spec version {show(data['v'])} (this is {VERSION})"
+            )
         if "name" not in data:
             raise SpecError(at("name"), "is required")
         name = _str(data["name"], at("name"))
@@ -506,7 +508,7 @@ class ServiceSpec:
             raise SpecError(
                 at("name"),
                 "must be 1-63 characters of a-z, 0-9 and '-', "
-                f"starting and ending with a letter or digit, got {name!r}",
+                f"starting and ending with a letter or digit, got {show(name)}",
             )
 
         image = data.get("image")
@@ -519,7 +521,7 @@ class ServiceSpec:
         if image is not None:
             image = _str(image, at("image"))
             if any(c.isspace() for c in image):
-                raise SpecError(at("image"), f"must not contain spaces, got {image!r}")
+                raise SpecError(at("image"), f"must not contain spaces, got {show(image)}")
         else:
             command = _argv(command, at("command"))
             if not command:
@@ -558,7 +560,9 @@ class ServiceSpec:
         spread = _str(data.get("spread", "node"), at("spread"))
         if spread != "node":
             if not spread.startswith("label."):
-                raise SpecError(at("spread"), f"must be 'node' or 'label.<key>', got {spread!r}")
+                raise SpecError(
+                    at("spread"), f"must be 'node' or 'label.<key>', got {show(spread)}"
+                )
             _label_key(spread[len("label.") :], at("spread"))
 
         health = data.get("health")

@@ -37,6 +37,8 @@ def load(data: bytes | str, filename: str | None = None) -> Any:
                 raise SpecError(
                     where, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
                 ) from None
+        except ValueError as exc:  # integers beyond Python's digit limit
+            raise SpecError(where, f"invalid JSON: {exc}") from None
         except RecursionError:
             raise SpecError(where, "document is nested too deeply") from None
     try:
@@ -48,6 +50,8 @@ def load(data: bytes | str, filename: str | None = None) -> Any:
         raise SpecError(where, f"invalid YAML{at}: {problem}") from None
     except yaml.YAMLError as exc:
         raise SpecError(where, f"invalid YAML: {exc}") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a tagged scalar that will not convert
+        raise SpecError(where, f"invalid YAML value: {exc}") from None
     except RecursionError:
         raise SpecError(where, "document is nested too deeply") from None
     if not docs:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from .errors import SpecError
+from .errors import SpecError, show
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
 _DURATION_UNITS = {
@@ -52,20 +52,30 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _float(value: object) -> float:
+    """Ints too large for a float become infinity, which the bounds checks reject."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return math.inf
+
+
 def parse_duration(value: object, path: str, *, low: float = 0.0, high: float = 86400.0) -> float:
     """Seconds from ``200ms``, ``5s``, ``1m30s`` or a bare number of seconds."""
     if _is_number(value):
-        seconds = float(value)  # type: ignore[arg-type]
+        seconds = _float(value)
     elif isinstance(value, str):
         text = value.strip()
         parts = _DURATION_PART.findall(text)
         if not text or "".join(n + u for n, u in parts) != text:
-            raise SpecError(path, f"cannot parse duration {value!r} (use e.g. 200ms, 5s, 1m)")
+            raise SpecError(path, f"cannot parse duration {show(value)} (use e.g. 200ms, 5s, 1m)")
         seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
     else:
         raise SpecError(path, f"must be a duration like 5s, got {type(value).__name__}")
     if not math.isfinite(seconds) or not low <= seconds <= high:
-        raise SpecError(path, f"must be between {_fmt_s(low)} and {_fmt_s(high)}, got {value}")
+        raise SpecError(
+            path, f"must be between {_fmt_s(low)} and {_fmt_s(high)}, got {show(value)}"
+        )
     return seconds
 
 
@@ -78,36 +88,38 @@ def _fmt_s(seconds: float) -> str:
 def parse_size(value: object, path: str, *, docker: bool = False) -> int:
     """Bytes from ``512Mi``, ``1G`` or an int; ``docker`` reads ``512m`` as MiB."""
     if _is_number(value):
-        amount = float(value)  # type: ignore[arg-type]
+        amount = _float(value)
     elif isinstance(value, str):
         text = value.strip()
         match = (_DOCKER_SIZE if docker else _SIZE).fullmatch(text)
         if match is None:
             hint = "512m or 1g" if docker else "512Mi or 1G"
-            raise SpecError(path, f"cannot parse {value!r} (use e.g. {hint})")
+            raise SpecError(path, f"cannot parse {show(value)} (use e.g. {hint})")
         number, unit = match.groups()
         scale = _DOCKER_UNITS[unit.lower()] if docker else _SIZE_UNITS[unit]
         amount = float(number) * scale
     else:
         raise SpecError(path, f"must be a size like 512Mi, got {type(value).__name__}")
     if not math.isfinite(amount) or not 0 <= amount <= MAX_BYTES:
-        raise SpecError(path, f"must be between 0 and {MAX_BYTES} bytes, got {value}")
+        raise SpecError(path, f"must be between 0 and {MAX_BYTES} bytes, got {show(value)}")
     return int(amount)
 
 
 def parse_cpu(value: object, path: str) -> float:
     """Cores from ``0.5``, ``"2"`` or ``"500m"`` (millicores)."""
     if _is_number(value):
-        cores = float(value)  # type: ignore[arg-type]
+        cores = _float(value)
     elif isinstance(value, str):
         match = _CPU.fullmatch(value.strip())
         if match is None:
             raise SpecError(
-                path, f"cannot parse {value!r} (use cores like 0.5 or millicores like 500m)"
+                path, f"cannot parse {show(value)} (use cores like 0.5 or millicores like 500m)"
             )
         cores = float(match.group(1)) / (1000 if match.group(2) else 1)
     else:
         raise SpecError(path, f"must be a number of cores like 0.5, got {type(value).__name__}")
     if not math.isfinite(cores) or not 0 < cores <= MAX_CPU:
-        raise SpecError(path, f"must be more than 0 and at most {MAX_CPU:g} cores, got {value}")
+        raise SpecError(
+            path, f"must be more than 0 and at most {MAX_CPU:g} cores, got {show(value)}"
+        )
     return cores
