@@ -219,14 +219,19 @@ def test_compose_limits_stand_in_for_reservations() -> None:
         ("ports: ['8080:70000']", "services.web.ports[0].target: must be 1..65535, got 70000"),
         ("ports: ['8080-8090:80']", "services.web.ports[0]: cannot parse port"),
         ("ports: ['53:53/udp']", "services.web.ports[0].protocol: only tcp"),
-        ("deploy: {replicas: -1}", "services.web.replicas: must be 0..10000"),
+        ("deploy: {replicas: -1}", "services.web.deploy.replicas: must be 0..10000"),
         (
             "deploy: {resources: {limits: {memory: 12XB}}}",
             "services.web.deploy.resources.limits.memory: cannot parse '12XB'",
         ),
         ("healthcheck: {test: [BOGUS, x]}", "services.web.healthcheck.test: must start with"),
-        ("environment: {1BAD: x}", "services.web.env.1BAD: bad variable name"),
+        ("environment: {1BAD: x}", "services.web.environment.1BAD: bad variable name"),
         ("restart: sometimes", "services.web.restart: must be one of"),
+        (
+            "healthcheck: {test: [CMD, x], retries: 0}",
+            "services.web.healthcheck.retries: must be 1..100",
+        ),
+        ("command: [1]", "services.web.command[0]: must be a string"),
     ],
 )
 def test_compose_errors_name_the_field(service: str, field: str) -> None:

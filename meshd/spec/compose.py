@@ -29,6 +29,25 @@ _RESTART = {
 _CONDITION = {"none": "never", "on-failure": "on-failure", "any": "always"}
 
 
+_NATIVE_TO_COMPOSE = {
+    "env": "environment",
+    "args": "command",
+    "replicas": "deploy.replicas",
+    "health": "healthcheck",
+    "resources": "deploy.resources",
+}
+
+
+def compose_path(native: str) -> str:
+    """Blame the compose key a user wrote for an error found in the converted spec."""
+    head, dot, rest = native.partition(".")
+    bracket = head.find("[")
+    key = head if bracket < 0 else head[:bracket]
+    if key not in _NATIVE_TO_COMPOSE:
+        return native
+    return _NATIVE_TO_COMPOSE[key] + head[len(key) :] + dot + rest
+
+
 def is_compose(data: object) -> bool:
     """Compose files have a top-level ``services`` mapping; native specs never do."""
     return isinstance(data, Mapping) and isinstance(data.get("services"), Mapping)

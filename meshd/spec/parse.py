@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .compose import from_compose, is_compose
+from .compose import compose_path, from_compose, is_compose
 from .errors import SpecError, join
 from .model import ServiceSpec
 
@@ -90,7 +90,7 @@ def _specs(value: Any) -> list[ServiceSpec]:
             try:
                 spec = ServiceSpec.from_dict(native)
             except SpecError as exc:
-                raise exc.under(path) from None
+                raise SpecError(compose_path(exc.path), exc.message).under(path) from None
             specs.append(replace(spec, warnings=tuple(warnings)))
         return specs
     if isinstance(value, list):
