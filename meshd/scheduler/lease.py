@@ -65,27 +65,20 @@ DEFAULT_RENEW_FRACTION = 0.5
 """A leader renews halfway through its lease, leaving half for retries."""
 
 
+def _weight(service: str, member: str) -> tuple[int, str]:
+    digest = hashlib.blake2b(service.encode() + b"\0" + member.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big"), member
+
+
 def candidate(service: str, alive_members: Iterable[str]) -> str | None:
     """The member that should lead ``service``: highest rendezvous weight."""
-    best: tuple[int, str] | None = None
-    for member in alive_members:
-        digest = hashlib.blake2b(service.encode() + b"\0" + member.encode(), digest_size=8).digest()
-        key = (int.from_bytes(digest, "big"), member)
-        if best is None or key > best:
-            best = key
+    best = max((_weight(service, m) for m in alive_members), default=None)
     return None if best is None else best[1]
 
 
 def ranked_candidates(service: str, alive_members: Iterable[str]) -> list[str]:
     """All members by rendezvous weight, best first: the order of takeover."""
-    members = list(alive_members)
-    order: list[str] = []
-    while members:
-        top = candidate(service, members)
-        assert top is not None
-        order.append(top)
-        members.remove(top)
-    return order
+    return [m for _, m in sorted((_weight(service, m) for m in alive_members), reverse=True)]
 
 
 def majority(voter_count: int) -> int:
