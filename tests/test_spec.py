@@ -508,3 +508,54 @@ def test_random_text_raises_only_spec_error(data: str | bytes) -> None:
 def test_hostile_scalars_are_spec_errors(text: str) -> None:
     with pytest.raises(SpecError):
         parse_spec(text)
+
+
+_NAMES = st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True)
+_VALID = st.fixed_dictionaries(
+    {"name": _NAMES, "image": st.sampled_from(["nginx", "redis:7", "a/b:1"])},
+    optional={
+        "args": st.lists(st.text(max_size=5), max_size=3),
+        "env": st.dictionaries(
+            st.from_regex(r"[A-Z_][A-Z0-9_]{0,5}", fullmatch=True), st.text(max_size=5), max_size=3
+        ),
+        "replicas": st.integers(0, 10000),
+        "ports": st.lists(st.integers(1, 65535), max_size=3, unique=True).map(
+            lambda ts: [{"name": f"p{i}", "target": t, "service_port": t} for i, t in enumerate(ts)]
+        ),
+        "resources": st.fixed_dictionaries(
+            {},
+            optional={
+                "cpu": st.sampled_from([0.25, "500m", 2, "1.5"]),
+                "memory": st.sampled_from(["512Mi", "1G", 4096, "1.5Gi"]),
+                "gpu": st.integers(0, 8),
+            },
+        ),
+        "constraints": st.lists(
+            st.sampled_from(["label.zone == a", "node.name != h3", "label.disk in (ssd, nvme)"]),
+            max_size=3,
+        ),
+        "spread": st.sampled_from(["node", "label.zone"]),
+        "restart": st.sampled_from(["always", "on-failure", "never"]),
+        "health": st.sampled_from(
+            [{"exec": ["true"], "interval": "2s", "timeout": "500ms"}, {"exec": "test -f /x"}]
+        ),
+        "update": st.fixed_dictionaries(
+            {}, optional={"parallelism": st.integers(1, 50), "delay": st.sampled_from(["1s", 3])}
+        ),
+        "labels": st.dictionaries(
+            st.sampled_from(["app", "tier", "x.io/team"]),
+            st.from_regex(r"[a-z0-9]{0,6}", fullmatch=True),
+            max_size=3,
+        ),
+    },
+)
+
+
+@settings(max_examples=200)
+@given(_VALID)
+def test_random_valid_specs_round_trip(data: dict) -> None:
+    spec = ServiceSpec.from_dict(data)
+    wire = json.dumps(spec.to_dict(), sort_keys=True)
+    again = ServiceSpec.from_dict(json.loads(wire))
+    assert again == spec
+    assert json.dumps(again.to_dict(), sort_keys=True) == wire
