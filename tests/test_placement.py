@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -308,3 +312,18 @@ def test_never_overcommits_and_honours_constraints(nodes, groups, strategy) -> N
         assert used.fits(by_name[name].allocatable), name
     for pend in result.pending:
         assert pend.reason.startswith("no node fits:")
+
+
+def test_benchmark_script_prints_json() -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts/bench/placement.py"
+    args = ["--nodes", "60", "--replicas", "600", "--services", "12", "--json"]
+    out = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["placed"] + figures["pending"] == 600
+    assert figures["placements_per_s"] > 0 and figures["wall_s"] >= 0

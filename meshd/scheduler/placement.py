@@ -19,6 +19,13 @@ refreshes the nodes that changed since it last ran. Placement is therefore
 exact (always the best-ranked feasible node), never approximate, and a
 replica is never put on an infeasible node: every pick is re-checked
 against the live working usage before it is taken.
+
+Cost: building a class's heap is O(feasible nodes), paid once per class, and
+each placement is O(log nodes) heap work. A plan with C classes over N nodes
+costs about C*N + R*log N; it is fast while classes are much fewer than
+replicas (services usually have many interchangeable replicas).
+A class that runs out of nodes stays out (usage only grows), so its reason is
+computed once and later requests of the class are pending at once.
 """
 
 from __future__ import annotations
