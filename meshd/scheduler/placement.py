@@ -279,19 +279,20 @@ class _Class:
         label = self.spread_label
         if binpack:
             fail, utils, nh = cluster.fail, cluster.utils, self.node_hash
-            entries = [((fail[i], -utils[i], counts[i], nh[i]), i) for i in static]
+            entries = [(fail[i], -utils[i], counts[i], nh[i], i) for i in static]
         else:
             fail, utils, nh = cluster.fail, cluster.utils, self.node_hash
-            entries = [((counts[i], fail[i], utils[i], nh[i]), i) for i in static]
-        self.live = {i: k for k, i in entries}
+            entries = [(counts[i], fail[i], utils[i], nh[i], i) for i in static]
+        # Entries are (rank..., node); live holds each node's current entry object.
+        self.live = {e[4]: e for e in entries}
         if label is None:
             self.groups = dict.fromkeys(static)
             self.heaps[None] = entries
         else:
             nodes = cluster.nodes
             for e in entries:
-                g = nodes[e[1]].labels.get(label)
-                self.groups[e[1]] = g
+                g = nodes[e[4]].labels.get(label)
+                self.groups[e[4]] = g
                 self.heaps.setdefault(g, []).append(e)
         for h in self.heaps.values():
             heapq.heapify(h)
@@ -300,28 +301,30 @@ class _Class:
     def key(self, i: int) -> tuple:
         c = self.cluster
         if self.binpack:
-            return (c.fail[i], -c.utils[i], self.counts[i], self.node_hash[i])
-        return (self.counts[i], c.fail[i], c.utils[i], self.node_hash[i])
+            return (c.fail[i], -c.utils[i], self.counts[i], self.node_hash[i], i)
+        return (self.counts[i], c.fail[i], c.utils[i], self.node_hash[i], i)
 
     def _peek(self, heap: list[tuple]) -> tuple | None:
         """Best entry of a group that is current and feasible, or None."""
         c = self.cluster
+        live = self.live
         while heap:
-            k, i = heap[0]
-            if self.live.get(i) != k:  # superseded by a newer entry, or dropped
+            k = heap[0]
+            i = k[4]
+            if live.get(i) is not k:  # superseded by a newer entry, or dropped
                 heapq.heappop(heap)
                 continue
             if not c.fits(i, self.need, self.ports):
                 # Usage only grows within a plan: this node can never fit this class again.
                 heapq.heappop(heap)
-                del self.live[i]
+                del live[i]
                 continue
             fresh = self.key(i)
             if fresh != k:
-                heapq.heapreplace(heap, (fresh, i))
-                self.live[i] = fresh
+                heapq.heapreplace(heap, fresh)
+                live[i] = fresh
                 continue
-            return heap[0]
+            return k
         return None
 
     def _refresh(self) -> None:
@@ -334,7 +337,7 @@ class _Class:
                 k = self.key(i)
                 if k != self.live[i]:
                     self.live[i] = k
-                    heapq.heappush(self.heaps[self.groups[i]], (k, i))
+                    heapq.heappush(self.heaps[self.groups[i]], k)
         self.log_pos = len(log)
 
     def pick(self) -> int | None:
@@ -352,13 +355,13 @@ class _Class:
                 best, best_group = cand, g
         if best is None:
             return None
-        i = best[1][1]
+        i = best[1][4]
         self.cluster.take(i, self.need, self.ports)
         self.counts[i] += 1
         zc[best_group] += 1
         k = self.key(i)
         self.live[i] = k
-        heapq.heappush(self.heaps[best_group], (k, i))
+        heapq.heappush(self.heaps[best_group], k)
         return i
 
 
