@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 
 from gossip import PROFILES as GOSSIP_PROFILES
 from gossip import Keyring
+from meshd.labels import key_problem, valid_value
 
 Addr = tuple[str, int]
 
@@ -226,8 +227,6 @@ def detect_default_bind(
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
 _NAME_RULE = "1 to 63 of A-Z a-z 0-9 . _ -"
-_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
-_LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL_RULE = "up to 63 of A-Z a-z 0-9 - _ . starting and ending with a letter or digit"
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
 _TOKEN = re.compile(r"[\x21-\x7e]+")
@@ -328,15 +327,12 @@ def _is_ip(text: str, version: int) -> bool:
 
 def check_label(key: str, value: str) -> tuple[str, str]:
     """Kubernetes label rules: ``[prefix/]name`` keys, short plain values."""
-    prefix, slash, name = key.rpartition("/")
-    if not _LABEL_NAME.fullmatch(name) or (
-        slash and (not prefix or len(prefix) > 253 or not _LABEL_PREFIX.fullmatch(prefix))
-    ):
+    if key_problem(key) is not None:
         raise ValueError(
             f"label key {key!r} is not valid: use {_LABEL_RULE}, "
             "with an optional DNS prefix as in 'example.com/zone'"
         )
-    if value and not _LABEL_NAME.fullmatch(value):
+    if not valid_value(value):
         raise ValueError(f"label {key!r}: value {value!r} is not valid: use {_LABEL_RULE}")
     return key, value
 

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshd.labels import key_problem, valid_value
+
 from .errors import SpecError, join, show
 from .units import parse_cpu, parse_duration, parse_size
 
@@ -24,8 +26,6 @@ MAX_REPLICAS = 10_000
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_LABEL_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 _CONSTRAINT = re.compile(r"\s*([A-Za-z0-9_./-]+)\s*(==|!=|\bin\b)\s*(.*?)\s*", re.DOTALL)
 _CONSTRAINT_VALUE = re.compile(r"[A-Za-z0-9_.:/-]+")
 
@@ -239,10 +239,11 @@ def _check_attr(attr: str, path: str) -> None:
 
 
 def _label_key(key: str, path: str) -> str:
-    prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+    problem = key_problem(key)
+    if problem == "prefix":
+        prefix = key.rpartition("/")[0]
         raise SpecError(path, f"bad label key prefix {show(prefix)} (must be a DNS subdomain)")
-    if not _LABEL_NAME.fullmatch(name):
+    if problem is not None:
         raise SpecError(
             path,
             f"bad label key {show(key)} (1-63 characters of A-Z, a-z, 0-9, "
@@ -257,7 +258,7 @@ def _labels(value: object, path: str) -> dict[str, str]:
         sub = join(path, str(key))
         _label_key(_str(key, sub), sub)
         text = _scalar_str(raw, sub)
-        if text and not _LABEL_NAME.fullmatch(text):
+        if not valid_value(text):
             raise SpecError(
                 sub,
                 f"bad label value {show(text)} (at most 63 characters of A-Z, a-z, "
