@@ -1,0 +1,1 @@
+"""Running replicas on this node: drivers, health checks, reconciliation."""
