@@ -87,10 +87,22 @@ def test_recovers_after_unhealthy() -> None:
 
 def test_next_due_follows_interval_from_start_and_each_result() -> None:
     t = HealthTracker(check(interval=5.0), started_at=100.0)
-    assert t.next_due(100.0) == 105.0
+    assert t.next_due(100.0) == 100.25  # quick checks until the first success
     assert t.next_due(107.0) == 107.0  # overdue: run now
     t.on_result(True, 106.5)  # a check that took a while
     assert t.next_due(106.5) == 111.5
+
+
+def test_quick_checks_before_first_success_count_failures_once_per_interval() -> None:
+    t = HealthTracker(check(interval=2.0, retries=2), started_at=0.0)
+    now = 0.0
+    while t.state == "starting":
+        now = t.next_due(now)
+        t.on_result(False, now)
+    assert t.state == "unhealthy" and 4.0 <= now < 4.5  # two intervals, not two quick checks
+    t2 = HealthTracker(check(interval=10.0), started_at=0.0)
+    t2.on_result(False, 0.25)
+    assert t2.on_result(True, 0.5) == "healthy"
 
 
 def test_virtual_clock_drives_checks() -> None:
@@ -104,7 +116,9 @@ def test_virtual_clock_drives_checks() -> None:
         state = t.on_result(ok, now)
         if not seen or seen[-1][1] != state:
             seen.append((now, state))
-    assert seen == [(2.0, "starting"), (6.0, "healthy"), (24.0, "unhealthy"), (32.0, "healthy")]
+    # Up at 0.25 (a quick check finds it); the 1-5 s outage costs only two
+    # failures (checks every 2 s), short of 3 retries; the 20-32 s one counts.
+    assert seen == [(0.25, "healthy"), (24.25, "unhealthy"), (32.25, "healthy")]
 
 
 # -- probes against loopback servers ----------------------------------------------
@@ -357,7 +371,7 @@ async def test_run_probe_feeds_tracker(http_server: tuple[int, asyncio.Event, li
     port, _, _ = http_server
     health = Health(kind="http", port="web", path="/fail", retries=2, timeout=1.0)
     tracker = HealthTracker(health, started_at=0.0)
-    for now in (1.0, 2.0):
+    for now in (10.0, 20.0):  # failures count once per interval (10 s by default)
         ok, message = await run_probe(health, host="127.0.0.1", ports={"web": port})
         tracker.on_result(ok, now, message)
     assert tracker.needs_restart

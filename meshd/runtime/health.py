@@ -44,6 +44,10 @@ the probe waits this much longer before giving up on a driver that does not."""
 _STATUS_LINE_MAX = 8192
 
 
+STARTING_INTERVAL = 0.25
+"""Seconds between checks of a replica that has not passed one yet."""
+
+
 class HealthTracker:
     """Docker/Kubernetes health rules for one running replica.
 
@@ -71,6 +75,7 @@ class HealthTracker:
         self.last_ok: bool | None = None
         self.last_message = ""
         self._passed_once = False
+        self._last_counted = started_at
 
     @property
     def needs_restart(self) -> bool:
@@ -94,15 +99,29 @@ class HealthTracker:
             return self.state
         if self.in_start_period(now):
             return self.state
+        if not self._passed_once:
+            # Fast checks before the first success only find it sooner; they
+            # count failures no faster than one per interval.
+            if now < self._last_counted + self.check.interval:
+                return self.state
+            self._last_counted = now
         self.failures += 1
         if self.failures >= self.check.retries:
             self.state = "unhealthy"
         return self.state
 
     def next_due(self, now: float) -> float:
-        """When the next check should start; ``now`` when it is overdue."""
+        """When the next check should start; ``now`` when it is overdue.
+
+        Until the first success checks come every ``STARTING_INTERVAL`` at
+        most (like Docker's start interval): a new replica takes traffic as
+        soon as it answers, not one full interval after it started.
+        """
         base = self.started_at if self.last_result_at is None else self.last_result_at
-        return max(now, base + self.check.interval)
+        interval = self.check.interval
+        if not self._passed_once:
+            interval = min(interval, STARTING_INTERVAL)
+        return max(now, base + interval)
 
 
 # -- probes ---------------------------------------------------------------------
