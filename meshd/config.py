@@ -69,6 +69,9 @@ PROFILES = tuple(sorted(GOSSIP_PROFILES))
 DEFAULT_PROFILE = "lan"
 """The zero-config case is machines on one LAN."""
 
+DRIVERS = ("auto", "docker", "process")
+"""Runtime drivers; auto picks docker when the engine answers."""
+
 MAX_LABELS = 64
 """More would never fit in the 512 bytes of gossip metadata anyway."""
 
@@ -147,6 +150,13 @@ class AgentConfig:
 
     profile: str = DEFAULT_PROFILE
     """Gossip timing: ``lan``, ``local`` (one host, fast) or ``wan`` (slow links)."""
+
+    driver: str = "auto"
+    """How replicas run: ``docker``, ``process``, or ``auto`` (docker when the engine
+    answers, else process), so one command starts a working agent on any host."""
+
+    docker_url: str | None = None
+    """The Docker engine's API; None means DOCKER_HOST or the standard socket."""
 
     api_token: str | None = field(default=None, repr=False)
     """Clients of the API present it; required when the API listens beyond loopback."""
@@ -372,6 +382,8 @@ _SETTINGS = [
     _Setting("mdns", "--mdns", "bool"),
     _Setting("mdns_interface", "--mdns-interface", "str"),
     _Setting("profile", "--profile", "str"),
+    _Setting("driver", "--driver", "str"),
+    _Setting("docker_url", "--docker-url", "str"),
     _Setting("api", "--api", "str"),
     _Setting("api_token", None, "str"),
     _Setting("api_token_file", "--api-token-file", "str"),
@@ -471,6 +483,20 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         metavar="{" + ",".join(PROFILES) + "}",
         help="failure-detection timing: lan, local (one host) or wan (default: "
         f"{DEFAULT_PROFILE}) {env('profile')}",
+    )
+
+    run = parser.add_argument_group("workloads")
+    run.add_argument(
+        "--driver",
+        metavar="{" + ",".join(DRIVERS) + "}",
+        help="how replicas run: docker, process, or auto (docker when the engine answers, "
+        f"else process; default: auto) {env('driver')}",
+    )
+    run.add_argument(
+        "--docker-url",
+        metavar="URL",
+        help="the Docker engine's API (default: DOCKER_HOST or unix:///var/run/docker.sock) "
+        f"{env('docker_url')}",
     )
 
     api = parser.add_argument_group("HTTP API")
@@ -712,6 +738,12 @@ def _path(raw: _Raw) -> Path:
         raw.fail("path contains a NUL byte")
     base = raw.base if raw.base is not None else Path.cwd()
     return Path(os.path.abspath(os.path.join(base, text)))
+
+
+def _text(raw: _Raw) -> str:
+    if not isinstance(raw.value, str) or not raw.value.strip():
+        raw.fail("must be a non-empty string")
+    return raw.value.strip()
 
 
 def _choice(raw: _Raw, choices: Sequence[str]) -> str:
@@ -958,6 +990,8 @@ def config_from_args(
     log_format = _choice(raw, LOG_FORMATS) if (raw := pick("log_format")) else "text"
     log_level = _choice(raw, LOG_LEVELS) if (raw := pick("log_level")) else DEFAULT_LOG_LEVEL
     profile = _choice(raw, PROFILES) if (raw := pick("profile")) else DEFAULT_PROFILE
+    driver = _choice(raw, DRIVERS) if (raw := pick("driver")) else "auto"
+    docker_url = _text(raw) if (raw := pick("docker_url")) else None
 
     return AgentConfig(
         node=node,
@@ -974,6 +1008,8 @@ def config_from_args(
         log_format=log_format,
         log_level=log_level,
         profile=profile,
+        driver=driver,
+        docker_url=docker_url,
         api_token=api_token,
         disks=tuple(disks),
         config_file=layer.path if layer else None,

@@ -693,3 +693,14 @@ def test_detector_without_a_usable_route(tmp_path: Path) -> None:
     assert detect_default_bind(tmp_path / "missing", lambda: addrs({})) is None
     routes.write_text("garbage\nx y z\n" + "a " * 8 + "\n")
     assert detect_default_bind(routes, lambda: addrs({})) is None
+
+
+def test_driver_and_docker_url_settings(tmp_path: Path) -> None:
+    c = load_config(
+        ["--driver", "process", "--docker-url", "unix:///x.sock", "--data-dir", str(tmp_path)], {}
+    )
+    assert (c.driver, c.docker_url) == ("process", "unix:///x.sock")
+    assert load_config(["--data-dir", str(tmp_path)], {"MESHD_DRIVER": "Docker"}).driver == "docker"
+    assert load_config(["--data-dir", str(tmp_path)], {}).driver == "auto"
+    with pytest.raises(ConfigError, match="--driver: 'podman' is not one of auto, docker, process"):
+        load_config(["--driver", "podman", "--data-dir", str(tmp_path)], {})
