@@ -25,8 +25,14 @@ from .api import create_app, serve
 from .config import AgentConfig
 from .discovery import MdnsDiscovery, Peer
 from .facts import NodeFacts, collect_facts, decode_meta, encode_meta
+from .rpc import Mux, Rpc
+from .runtime.auto import choose_driver
+from .runtime.base import Driver, DriverUnavailable
+from .scheduler.placement import Resources
+from .spec import ServiceSpec
 from .state.replication import GossipTransport, Replicator
 from .state.store import Entry, PersistenceError, Store
+from .workloads import Workloads
 
 log = logging.getLogger("meshd.agent")
 
@@ -71,6 +77,9 @@ class Agent:
         self.replicator: Replicator | None = None
         self._gossip: Gossip | None = None
         self._discovery: MdnsDiscovery | None = None
+        self.rpc = Rpc(config.node)
+        self.driver: Driver | None = None
+        self.workloads: Workloads | None = None
         self._api_runner: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
@@ -101,8 +110,23 @@ class Agent:
                 "run 'meshd keygen' and pass --key-file on every host for a secret one",
                 cfg.cluster,
             )
+        advertise_host = (cfg.advertise or cfg.bind)[0]
+        try:
+            self.driver = await choose_driver(
+                cfg.driver,
+                owner=self.name,
+                cluster=cfg.cluster,
+                state_dir=data_dir / "replicas",
+                docker_url=cfg.docker_url,
+                publish_ip=advertise_host,
+            )
+        except DriverUnavailable as exc:
+            raise StartError(f"--driver {cfg.driver}: {exc}") from None
+        driver_name = self.driver.name
         # nvidia-smi may take seconds: keep the loop free meanwhile.
-        self.facts = await asyncio.to_thread(collect_facts, cfg)
+        self.facts = await asyncio.to_thread(
+            collect_facts, cfg, docker_probe=lambda: driver_name == "docker"
+        )
         try:
             self.store = Store.open(self.name, data_dir / "state.db")
         except PersistenceError as exc:
@@ -117,13 +141,30 @@ class Agent:
             advertise=cfg.advertise,
             meta=encode_meta(self.facts),
             keyring=keyring,
-            delegate=self.replicator,
+            delegate=Mux(self.replicator, self.rpc),
         )
         self._transport.attach(self._gossip)
+        self.rpc.attach(self._gossip)
         try:
             await self._gossip.start()
         except (OSError, ValueError) as exc:
             raise StartError(str(exc)) from None
+        self.workloads = Workloads(
+            node=self.name,
+            gossip=self._gossip,
+            store=self.store,
+            replicator=self.replicator,
+            rpc=self.rpc,
+            driver=self.driver,
+            data_dir=data_dir,
+            address=self.gossip.core.addr[0],
+            allocatable=self._allocatable,
+        )
+        try:
+            await self.workloads.start()
+        except Exception as exc:
+            await self._gossip.stop()
+            raise StartError(f"runtime {self.driver.name}: {exc}") from None
         self.spawn(self._log_events())  # before discovery: joins start during it
         if cfg.mdns and cfg.mdns_interface:
             self._discovery = MdnsDiscovery(
@@ -169,12 +210,18 @@ class Agent:
         if self._discovery is not None:
             with contextlib.suppress(Exception):
                 await self._discovery.stop()
+        if self.workloads is not None:
+            if leave:
+                self.workloads.unregister()
+            with contextlib.suppress(Exception):
+                await self.workloads.stop(stop_replicas=leave)
         if self._gossip is not None:
             if leave:
                 await self._gossip.leave(timeout=2 * self._gossip.config.leave_propagate_time)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._transport.drain(), 2.0)
             await self._gossip.stop()
+        await self.rpc.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -231,6 +278,15 @@ class Agent:
         async for ev in self.gossip.events():
             m = ev.member
             log.info("member %s %s (%s)", m.name, ev.kind.value, format_addr(m.addr))
+            if self.workloads is not None:
+                self.workloads.on_members_changed()
+
+    def _allocatable(self) -> Resources:
+        facts = self.facts
+        if facts is None:
+            return Resources()
+        disk = facts.disks[0].total_mb if facts.disks else 0
+        return Resources(float(facts.cpu_cores), facts.memory_mb, disk, len(facts.gpus))
 
     # ------------------------------------------------------------ AgentView
 
@@ -295,6 +351,48 @@ class Agent:
         assert self.replicator is not None
         return self.replicator.delete(key)
 
+    async def member_remove(self, node: str) -> bool:
+        assert self.workloads is not None
+        return await self.workloads.member_remove(node)
+
+    # ------------------------------------------------------------ services
+
+    async def service_put(self, spec: ServiceSpec) -> dict[str, Any]:
+        assert self.workloads is not None
+        return await self.workloads.service_put(spec)
+
+    def service_get(self, name: str) -> dict[str, Any] | None:
+        assert self.workloads is not None
+        return self.workloads.service_get(name)
+
+    def service_list(self) -> list[dict[str, Any]]:
+        assert self.workloads is not None
+        return self.workloads.service_list()
+
+    async def service_delete(self, name: str) -> bool:
+        assert self.workloads is not None
+        return await self.workloads.service_delete(name)
+
+    def service_replicas(self, name: str) -> list[dict[str, Any]] | None:
+        assert self.workloads is not None
+        return self.workloads.service_replicas(name)
+
+    def service_leader(self, name: str) -> dict[str, Any] | None:
+        assert self.workloads is not None
+        return self.workloads.service_leader(name)
+
+    async def service_scale(self, name: str, replicas: int) -> dict[str, Any] | None:
+        assert self.workloads is not None
+        return await self.workloads.service_scale(name, replicas)
+
+    def service_logs(self, name: str, *, tail: int | None, follow: bool) -> Any:
+        assert self.workloads is not None
+        return self.workloads.service_logs(name, tail=tail, follow=follow)
+
+    def leases(self) -> list[dict[str, Any]]:
+        assert self.workloads is not None
+        return self.workloads.elector.leases()
+
     @property
     def index(self) -> int:
         assert self.store is not None
@@ -311,6 +409,16 @@ class Agent:
             "members": by_status,
             "store": {**(store.stats if store else {}), "keys": len(store) if store else 0},
             "replication": dict(self.replicator.stats) if self.replicator else {},
+            "rpc": dict(self.rpc.stats),
+            **(
+                {
+                    "election": dict(self.workloads.elector.stats),
+                    "leader": dict(self.workloads.leader.stats),
+                    "node": dict(self.workloads.controller.stats),
+                }
+                if self.workloads
+                else {}
+            ),
         }
 
 
