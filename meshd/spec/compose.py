@@ -17,7 +17,7 @@ from .units import parse_cpu, parse_duration, parse_size
 _TOP_KNOWN = ("services", "version", "name")
 _SERVICE_KEYS = ("image", "command", "environment", "ports", "deploy", "healthcheck", "restart")
 _PORT = re.compile(
-    r"(?:(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):)?(?:(?P<published>\d+):)?(?P<target>\d+)"
+    r"(?:(?P<ip>\[[0-9a-fA-F:.]+\]|\d+(?:\.\d+){3}):)?(?:(?P<published>\d+):)?(?P<target>\d+)"
     r"(?:/(?P<proto>[a-z]+))?"
 )
 _RESTART = {
