@@ -7,12 +7,15 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from meshd.api import serve
+from meshd.scheduler.assignment import spec_version
+from meshd.spec import ServiceSpec
 from meshd.state.store import Entry, Store
 
 T = TypeVar("T")
@@ -60,6 +63,19 @@ class FakeView:
             "weird": "not a number",  # skipped
         }
         self.replication: dict[str, Any] = {"broadcasts_sent": 5, "sync_bytes_out": 2048}
+        self.members = [dict(m) for m in MEMBERS]
+        self.removed: list[str] = []
+        #: name -> (spec, created_ms, updated_ms)
+        self.services: dict[str, tuple[ServiceSpec, int, int]] = {}
+        #: Raised by the next service write (put, scale, delete, member removal).
+        self.service_error: BaseException | None = None
+        #: Raised by the log stream after the lines it has, to test a broken stream.
+        self.log_error: BaseException | None = None
+        self.logs: dict[str, list[dict[str, Any]]] = {}
+        self.log_requests: list[tuple[str, int | None, bool]] = []
+        #: Log streams open right now (a follower's stream closes when its client goes).
+        self.followers = 0
+        self._new_lines = asyncio.Condition()
 
     def agent_info(self) -> dict[str, Any]:
         if self.info_error is not None:
@@ -76,7 +92,18 @@ class FakeView:
         }
 
     def member_list(self) -> list[dict[str, Any]]:
-        return [dict(m) for m in MEMBERS]
+        return [dict(m) for m in self.members]
+
+    async def member_remove(self, node: str) -> bool:
+        self._maybe_fail_service()
+        member = next((m for m in self.members if m["name"] == node), None)
+        if member is None:
+            return False
+        if member["status"] == "alive":
+            raise ValueError(f"member {node!r} is alive: only a dead member can be removed")
+        self.members.remove(member)
+        self.removed.append(node)
+        return True
 
     def health(self) -> tuple[bool, str]:
         return self.healthy
@@ -107,7 +134,7 @@ class FakeView:
 
     def stats(self) -> dict[str, Any]:
         counts = {s: 0 for s in ("alive", "suspect", "dead", "left")}
-        for m in MEMBERS:
+        for m in self.members:
             counts[m["status"]] += 1
         return {
             "gossip": dict(self.gossip),
@@ -123,6 +150,141 @@ class FakeView:
     @property
     def index(self) -> int:
         return self.store.index
+
+    # ----- services: an in-memory stand-in for the scheduler ---------------------------
+
+    def _maybe_fail_service(self) -> None:
+        error, self.service_error = self.service_error, None
+        if error is not None:
+            raise error
+
+    def _record(self, name: str) -> dict[str, Any]:
+        spec, created, updated = self.services[name]
+        desired = spec.parallelism if spec.kind == "job" else spec.replicas
+        return {
+            "name": name,
+            "kind": spec.kind,
+            "version": spec_version(spec),
+            "spec": spec.to_dict(),
+            "replicas": {"desired": desired, "running": desired, "ready": desired},
+            "leader": {"node": "n1", "term": 1},
+            "pending": [],
+            "update": None,
+            "completed": 0,
+            "created_ms": created,
+            "updated_ms": updated,
+        }
+
+    async def service_put(self, spec: ServiceSpec) -> dict[str, Any]:
+        self._maybe_fail_service()
+        now = now_ms()
+        created = self.services[spec.name][1] if spec.name in self.services else now
+        self.services[spec.name] = (spec, created, now)
+        self.logs.setdefault(spec.name, [])
+        return self._record(spec.name)
+
+    def service_get(self, name: str) -> dict[str, Any] | None:
+        return self._record(name) if name in self.services else None
+
+    def service_list(self) -> list[dict[str, Any]]:
+        return [self._record(name) for name in sorted(self.services)]
+
+    async def service_delete(self, name: str) -> bool:
+        self._maybe_fail_service()
+        if self.services.pop(name, None) is None:
+            return False
+        self.logs.pop(name, None)
+        async with self._new_lines:
+            self._new_lines.notify_all()  # followers of a removed service end
+        return True
+
+    def service_replicas(self, name: str) -> list[dict[str, Any]] | None:
+        if name not in self.services:
+            return None
+        spec = self.services[name][0]
+        version = spec_version(spec)
+        count = spec.parallelism if spec.kind == "job" else spec.replicas
+        nodes = ["n1", "n2"]
+        return [
+            {
+                "id": f"{name}-{slot}-{version[:6]}",
+                "service": name,
+                "slot": slot,
+                "node": nodes[slot % 2],
+                "version": version,
+                "state": "running",
+                "health": "healthy" if spec.health else "none",
+                "address": f"127.0.0.{slot % 2 + 1}",
+                "ports": {p.name: 30000 + 10 * slot + i for i, p in enumerate(spec.ports)},
+                "restarts": 0,
+                "started_ms": self.services[name][2],
+                "exit_code": None,
+                "reason": "",
+            }
+            for slot in range(count)
+        ]
+
+    def service_leader(self, name: str) -> dict[str, Any] | None:
+        return {"node": "n1", "term": 1} if name in self.services else None
+
+    async def service_scale(self, name: str, replicas: int) -> dict[str, Any] | None:
+        self._maybe_fail_service()
+        if name not in self.services:
+            return None
+        spec, created, _ = self.services[name]
+        if spec.kind == "job":
+            raise ValueError(f"{name!r} is a job: it runs to completion and is not scaled")
+        self.services[name] = (ServiceSpec.from_dict({**spec.to_dict(), "replicas": replicas}),
+                               created, now_ms())  # fmt: skip
+        return self._record(name)
+
+    async def emit(
+        self, name: str, text: str, *, stream: str = "stdout", slot: int = 0
+    ) -> dict[str, Any]:
+        """Add a log line to a service (on the view's loop), waking its followers."""
+        line = {
+            "replica": f"{name}-{slot}",
+            "node": "n1",
+            "stream": stream,
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "text": text,
+        }
+        self.logs[name].append(line)
+        async with self._new_lines:
+            self._new_lines.notify_all()
+        return line
+
+    def service_logs(
+        self, name: str, *, tail: int | None, follow: bool
+    ) -> AsyncIterator[dict[str, Any]]:
+        if name not in self.services:
+            raise KeyError(name)
+        self.log_requests.append((name, tail, follow))
+        return self._lines(name, tail, follow)
+
+    async def _lines(
+        self, name: str, tail: int | None, follow: bool
+    ) -> AsyncIterator[dict[str, Any]]:
+        self.followers += 1
+        try:
+            lines = self.logs.get(name, [])
+            start = 0 if tail is None else max(0, len(lines) - tail)
+            for line in lines[start:]:
+                yield line
+            if self.log_error is not None:
+                raise self.log_error
+            sent = len(lines)
+            while follow:
+                async with self._new_lines:
+                    while name in self.logs and len(self.logs[name]) <= sent:
+                        await self._new_lines.wait()
+                if name not in self.logs:
+                    return
+                for line in self.logs[name][sent:]:
+                    yield line
+                sent = len(self.logs[name])
+        finally:
+            self.followers -= 1
 
 
 class ServerThread:

@@ -14,7 +14,8 @@ import logging
 
 from aiohttp import web
 
-from meshd.api import kv
+from meshd.api import kv, services
+from meshd.api import members as member_api
 from meshd.api.appkeys import STATE, VIEW, ApiState
 from meshd.api.errors import Handler, Problem, error_middleware, json_response, shorten
 from meshd.api.openapi import openapi_document
@@ -65,7 +66,9 @@ def create_app(
             web.get("/v1/members", members),
             web.get("/v1/health", health),
             web.post("/v1/agent/leave", leave),
+            *member_api.routes(),
             *kv.routes(),
+            *services.routes(),
             web.get("/v1/openapi.json", openapi),
             web.get("/metrics", metrics),
         ]

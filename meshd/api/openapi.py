@@ -11,7 +11,10 @@ import copy
 from typing import Any
 
 from meshd import __version__
+from meshd.api.services import LOG_CONTENT_TYPE, MAX_TAIL
 from meshd.api.view import MEMBER_STATUSES
+from meshd.scheduler.assignment import ReplicaHealth, ReplicaState
+from meshd.spec.model import KINDS, MAX_REPLICAS
 from meshd.state.store import MAX_KEY, MAX_VALUE
 
 __all__ = ["openapi_document"]
@@ -118,7 +121,173 @@ _SCHEMAS: dict[str, Any] = {
             "modified": {"type": ["string", "null"], "format": "date-time"},
         },
     },
+    "SpecError": {
+        "type": "object",
+        "required": ["error", "detail"],
+        "properties": {
+            "error": {"type": "string", "examples": ["bad_spec", "bad_name"]},
+            "detail": {"type": "string"},
+            "field": {
+                "type": "string",
+                "description": (
+                    "With bad_spec: the dotted path of the field to fix, as the document "
+                    "wrote it ('ports[1].target', 'services.web.deploy.replicas'); empty "
+                    "when the document as a whole is wrong."
+                ),
+            },
+        },
+    },
+    "ServiceSpec": {
+        "type": "object",
+        "description": (
+            "A service in its canonical stored form (every field explicit, sizes in bytes, "
+            "CPU in cores, durations in seconds); see docs for the fields a spec may give."
+        ),
+        "required": ["v", "name", "replicas", "kind"],
+        "properties": {
+            "v": {"type": "integer", "const": 1},
+            "name": {"type": "string"},
+            "image": {"type": ["string", "null"]},
+            "command": {"type": ["array", "null"], "items": {"type": "string"}},
+            "args": {"type": "array", "items": {"type": "string"}},
+            "env": {"type": "object", "additionalProperties": {"type": "string"}},
+            "replicas": {"type": "integer", "minimum": 0, "maximum": MAX_REPLICAS},
+            "ports": {"type": "array", "items": {"type": "object"}},
+            "resources": {"type": "object"},
+            "constraints": {"type": "array", "items": {"type": "string"}},
+            "kind": {"type": "string", "enum": list(KINDS)},
+            "labels": _ref("Labels"),
+        },
+        "additionalProperties": True,
+    },
+    "Leader": {
+        "type": "object",
+        "required": ["node", "term"],
+        "properties": {
+            "node": {
+                "type": ["string", "null"],
+                "description": "The member leading the service; null while none holds the lease.",
+            },
+            "term": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Service": {
+        "type": "object",
+        "required": ["name", "kind", "version", "spec", "replicas"],
+        "properties": {
+            "name": {"type": "string"},
+            "kind": {"type": "string", "enum": list(KINDS)},
+            "version": {
+                "type": "string",
+                "description": "Hash of what a replica runs: changes with the spec, not with scaling.",
+            },
+            "spec": _ref("ServiceSpec"),
+            "replicas": {
+                "type": "object",
+                "required": ["desired", "running", "ready"],
+                "properties": {
+                    "desired": {"type": "integer", "minimum": 0},
+                    "running": {"type": "integer", "minimum": 0},
+                    "ready": {"type": "integer", "minimum": 0},
+                },
+            },
+            "leader": {"oneOf": [_ref("Leader"), {"type": "null"}]},
+            "pending": {
+                "type": "array",
+                "description": "Replicas that fit on no node right now, and why.",
+                "items": {
+                    "type": "object",
+                    "required": ["slot", "reason"],
+                    "properties": {"slot": {"type": "integer"}, "reason": {"type": "string"}},
+                },
+            },
+            "update": {
+                "type": ["object", "null"],
+                "description": "The rolling update under way, or how the last one ended.",
+            },
+            "completed": {"type": "integer", "minimum": 0, "description": "Jobs: replicas done."},
+            "created_ms": {"type": "integer"},
+            "updated_ms": {"type": "integer"},
+        },
+        "additionalProperties": True,
+    },
+    "ServiceWritten": {
+        "allOf": [
+            _ref("Service"),
+            {
+                "type": "object",
+                "properties": {
+                    "warnings": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "What a compose import ignored.",
+                    }
+                },
+            },
+        ]
+    },
+    "Replica": {
+        "type": "object",
+        "required": ["id", "service", "slot", "node", "version", "state"],
+        "properties": {
+            "id": {"type": "string"},
+            "service": {"type": "string"},
+            "slot": {"type": "integer", "minimum": 0},
+            "node": {"type": "string"},
+            "version": {"type": "string"},
+            "state": {"type": "string", "enum": list(ReplicaState.__args__)},  # type: ignore[attr-defined]
+            "health": {"type": "string", "enum": list(ReplicaHealth.__args__)},  # type: ignore[attr-defined]
+            "address": {"type": "string"},
+            "ports": {
+                "type": "object",
+                "description": "Port name -> host port on address.",
+                "additionalProperties": {"type": "integer"},
+            },
+            "restarts": {"type": "integer", "minimum": 0},
+            "started_ms": {"type": "integer"},
+            "exit_code": {"type": ["integer", "null"]},
+            "reason": {"type": "string", "description": "Why it is not running, for people."},
+        },
+        "additionalProperties": True,
+    },
+    "LogLine": {
+        "type": "object",
+        "description": (
+            "One line a replica wrote. A stream that breaks after it started ends with "
+            "an {error, detail} line instead."
+        ),
+        "properties": {
+            "replica": {"type": "string"},
+            "node": {"type": "string"},
+            "stream": {"type": "string", "enum": ["stdout", "stderr"]},
+            "time": {"type": "string", "format": "date-time"},
+            "text": {"type": "string"},
+        },
+    },
 }
+
+_NAME_PARAM = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "The service: 1-63 of a-z, 0-9 and '-', starting and ending alphanumeric.",
+    "schema": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"},
+}
+
+_SPEC_BODY = {
+    "required": True,
+    "description": (
+        "A spec as YAML or JSON (a native spec, a list of them, or a docker-compose file); "
+        "the format is recognised from the content."
+    ),
+    "content": {
+        "application/yaml": {"schema": {"type": "string"}},
+        "application/json": {"schema": {"type": "object"}},
+        "*/*": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+_GUARDED = {"401": _problem("Unauthorized"), "403": _problem("Forbidden")}
 
 _KEY_PARAM = {
     "name": "key",
@@ -290,6 +459,224 @@ _PATHS: dict[str, Any] = {
             },
         },
     },
+    "/v1/members/{node}": {
+        "parameters": [
+            {
+                "name": "node",
+                "in": "path",
+                "required": True,
+                "description": "The member's node name.",
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,63}$"},
+            }
+        ],
+        "delete": {
+            "operationId": "removeMember",
+            "summary": "Remove a dead member from the lease voter set (restores quorum).",
+            "description": (
+                "Leases need a strict majority of the voter set, dead members included, so a "
+                "cluster that lost nodes for good schedules nothing new until they are removed. "
+                "Refused (409) while the member is alive. Remove one member at a time, and "
+                "only members known to be dead."
+            ),
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["node", "removed"],
+                        "properties": {
+                            "node": {"type": "string"},
+                            "removed": {"type": "boolean", "const": True},
+                        },
+                    },
+                    "Removed.",
+                ),
+                "400": _problem("BadRequest"),
+                **_GUARDED,
+                "404": _problem("NotFound"),
+                "409": _problem("Conflict"),
+                "503": _problem("Unavailable"),
+            },
+        },
+    },
+    "/v1/services": {
+        "get": {
+            "operationId": "listServices",
+            "summary": "Every service, sorted by name.",
+            "responses": {
+                "200": _json({"type": "array", "items": _ref("Service")}, "The services."),
+                "400": _problem("BadRequest"),
+                **_GUARDED,
+            },
+        },
+        "post": {
+            "operationId": "deployServices",
+            "summary": "Create or replace every service of a document (a compose file, say).",
+            "description": "Every spec is checked before any is written: one bad spec deploys none.",
+            "requestBody": _SPEC_BODY,
+            "responses": {
+                "200": _json(
+                    {"type": "array", "items": _ref("ServiceWritten")}, "The services as stored."
+                ),
+                "400": _problem("BadSpec"),
+                **_GUARDED,
+                "409": _problem("Conflict"),
+                "413": _problem("TooLarge"),
+                "503": _problem("Unavailable"),
+            },
+        },
+    },
+    "/v1/services/{name}": {
+        "parameters": [_NAME_PARAM],
+        "get": {
+            "operationId": "getService",
+            "summary": "One service: its spec, replica counts, leader, pending replicas, update.",
+            "responses": {
+                "200": _json(_ref("Service"), "The service."),
+                "400": _problem("BadRequest"),
+                **_GUARDED,
+                "404": _problem("NotFound"),
+            },
+        },
+        "put": {
+            "operationId": "putService",
+            "summary": "Create or replace one service.",
+            "description": (
+                "The body holds exactly one service; its name must be the path's, or be left "
+                "out. A changed spec rolls out by its update policy; a changed replica count "
+                "only scales."
+            ),
+            "requestBody": _SPEC_BODY,
+            "responses": {
+                "200": _json(_ref("ServiceWritten"), "Replaced."),
+                "201": _json(_ref("ServiceWritten"), "Created."),
+                "400": _problem("BadSpec"),
+                **_GUARDED,
+                "409": _problem("Conflict"),
+                "413": _problem("TooLarge"),
+                "503": _problem("Unavailable"),
+            },
+        },
+        "delete": {
+            "operationId": "deleteService",
+            "summary": "Delete a service; its replicas are stopped.",
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["name", "deleted"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "deleted": {"type": "boolean", "const": True},
+                        },
+                    },
+                    "Deleted.",
+                ),
+                "400": _problem("BadRequest"),
+                **_GUARDED,
+                "404": _problem("NotFound"),
+                "409": _problem("Conflict"),
+                "503": _problem("Unavailable"),
+            },
+        },
+    },
+    "/v1/services/{name}/replicas": {
+        "parameters": [_NAME_PARAM],
+        "get": {
+            "operationId": "listReplicas",
+            "summary": "The service's replicas, with their node, state, health and ports.",
+            "responses": {
+                "200": _json({"type": "array", "items": _ref("Replica")}, "The replicas."),
+                "400": _problem("BadRequest"),
+                **_GUARDED,
+                "404": _problem("NotFound"),
+            },
+        },
+    },
+    "/v1/services/{name}/leader": {
+        "parameters": [_NAME_PARAM],
+        "get": {
+            "operationId": "getLeader",
+            "summary": "The member that holds the service's lease and its term.",
+            "responses": {
+                "200": _json(_ref("Leader"), "The leader (node null while there is none)."),
+                "400": _problem("BadRequest"),
+                **_GUARDED,
+                "404": _problem("NotFound"),
+            },
+        },
+    },
+    "/v1/services/{name}/scale": {
+        "parameters": [_NAME_PARAM],
+        "post": {
+            "operationId": "scaleService",
+            "summary": "Set the number of replicas (no rollout: running replicas stay).",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["replicas"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "replicas": {
+                                    "type": "integer",
+                                    "minimum": 0,
+                                    "maximum": MAX_REPLICAS,
+                                }
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(_ref("Service"), "The service with its new count."),
+                "400": _problem("BadRequest"),
+                **_GUARDED,
+                "404": _problem("NotFound"),
+                "409": _problem("Conflict"),
+                "503": _problem("Unavailable"),
+            },
+        },
+    },
+    "/v1/services/{name}/logs": {
+        "parameters": [_NAME_PARAM],
+        "get": {
+            "operationId": "getLogs",
+            "summary": "The replicas' log lines as newline-delimited JSON; ?follow streams on.",
+            "parameters": [
+                {
+                    "name": "tail",
+                    "in": "query",
+                    "description": "Only the last N lines kept so far (default: all).",
+                    "schema": {"type": "integer", "minimum": 0, "maximum": MAX_TAIL},
+                },
+                {
+                    "name": "follow",
+                    "in": "query",
+                    "description": (
+                        "Keep the response open and send new lines as they come "
+                        "(chunked), until the client disconnects."
+                    ),
+                    "schema": _FLAG,
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "One LogLine JSON object per line.",
+                    "content": {
+                        LOG_CONTENT_TYPE: {
+                            "x-itemSchema": _ref("LogLine"),
+                            "schema": {"type": "string"},
+                        }
+                    },
+                },
+                "400": _problem("BadRequest"),
+                **_GUARDED,
+                "404": _problem("NotFound"),
+            },
+        },
+    },
     "/v1/openapi.json": {
         "get": {
             "operationId": "getOpenApi",
@@ -328,9 +715,10 @@ _DOCUMENT: dict[str, Any] = {
         "title": "meshd agent API",
         "version": __version__,
         "description": (
-            "The local HTTP API of a meshd agent: this node, the cluster's members and the "
-            "replicated key/value store. Every error is JSON {error, detail}. When the agent "
-            "has an API token, every endpoint but /v1/health needs 'Authorization: Bearer <token>'."
+            "The local HTTP API of a meshd agent: this node, the cluster's members, the "
+            "replicated key/value store and the services the cluster runs. Every error is "
+            "JSON {error, detail} (a bad spec adds the field to fix). When the agent has an "
+            "API token, every endpoint but /v1/health needs 'Authorization: Bearer <token>'."
         ),
     },
     "servers": [{"url": "http://127.0.0.1:7947"}],
@@ -346,10 +734,17 @@ _DOCUMENT: dict[str, Any] = {
             }
         },
         "responses": {
-            "BadRequest": _error_response("Bad key, body or query parameter."),
+            "BadRequest": _error_response("Bad name, key, body or query parameter."),
+            "BadSpec": _json(
+                _ref("SpecError"),
+                "A bad spec (bad_spec names the field), name or query parameter.",
+            ),
             "Unauthorized": _error_response("A token is required and was not given."),
             "Forbidden": _error_response("The token is wrong."),
-            "NotFound": _error_response("No such key."),
+            "NotFound": _error_response("No such key, service or member."),
+            "Conflict": _error_response(
+                "The agent refuses the change (a conflicting service, a live member)."
+            ),
             "TooLarge": _error_response("The body or the value is too large."),
             "Unavailable": _error_response("The store could not persist the change."),
         },
