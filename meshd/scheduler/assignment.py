@@ -118,6 +118,10 @@ class UpdateState:
     reason: str = ""
     batch_started_ms: int = 0
     """When the current batch was started (health gate and ``update.delay``)."""
+    batch: dict[str, int] = field(default_factory=dict)
+    """Replica id -> when it was started (ms), for the new replicas of the current
+    batch: the next batch waits until they are ready, and one that is not ready
+    by its deadline fails the update."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,6 +130,7 @@ class UpdateState:
             "state": self.state,
             "reason": self.reason,
             "batch_started_ms": self.batch_started_ms,
+            "batch": self.batch,
         }
 
     @classmethod
@@ -135,12 +140,18 @@ class UpdateState:
         state = data.get("state")
         if state not in ("rolling", "done", "rolled_back", "failed"):
             raise ValueError(f"bad update state {state!r}")
+        batch = data.get("batch", {})
+        if not isinstance(batch, dict) or not all(
+            isinstance(k, str) and type(v) is int for k, v in batch.items()
+        ):
+            raise ValueError("update batch must map replica id to a time in ms")
         return cls(
             _s(data.get("from")),
             _s(data.get("to")),
             state,
             _s(data.get("reason", "")),
             _i(data.get("batch_started_ms", 0)),
+            batch,
         )
 
 
@@ -162,8 +173,13 @@ class Assignment:
     """Jobs: replicas that succeeded so far."""
     update: UpdateState | None = None
     failures: dict[str, int] = field(default_factory=dict)
-    """Recent failures by node (refusals, crash loops): the placement ranker avoids them."""
+    """Node -> when (ms) a replica was last refused there or failed there
+    (runtime errors, crash loops): placement avoids such nodes for a while."""
     updated_ms: int = 0
+    job_failures: int = 0
+    """Jobs: replicas that failed so far (counted against the backoff limit)."""
+    job_failed: str = ""
+    """Jobs: why the job gave up; empty while it has not."""
 
     def spec(self, version: str | None = None) -> ServiceSpec:
         return ServiceSpec.from_dict(self.specs[version or self.version])
@@ -183,6 +199,8 @@ def encode_assignment(a: Assignment) -> bytes:
             "update": None if a.update is None else a.update.to_json(),
             "failures": a.failures,
             "updated_ms": a.updated_ms,
+            "job_failures": a.job_failures,
+            "job_failed": a.job_failed,
         },
         separators=(",", ":"),
         sort_keys=True,
@@ -212,7 +230,7 @@ def decode_assignment(raw: bytes) -> Assignment:
     if not isinstance(failures, dict) or not all(
         isinstance(k, str) and type(v) is int for k, v in failures.items()
     ):
-        raise ValueError("failures must map node to count")
+        raise ValueError("failures must map node to a time in ms")
     update = data.get("update")
     return Assignment(
         service=_s(data.get("service")),
@@ -226,6 +244,8 @@ def decode_assignment(raw: bytes) -> Assignment:
         update=None if update is None else UpdateState.from_json(update),
         failures=failures,
         updated_ms=_i(data.get("updated_ms", 0)),
+        job_failures=_i(data.get("job_failures", 0)),
+        job_failed=_s(data.get("job_failed", "")),
     )
 
 
