@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,14 +54,14 @@ class Gate:
 
 
 @pytest.fixture
-def gate(tmp_path: Path) -> AsyncIterator[Callable[[str], Gate]]:
+def gate(tmp_path: Path) -> Iterator[Callable[[str], Gate]]:
     made: list[Gate] = []
 
     def make(name: str = "gate") -> Gate:
         made.append(Gate(tmp_path / name))
         return made[-1]
 
-    yield make  # type: ignore[misc]
+    yield make
     for g in made:
         g.close()
 
@@ -151,6 +151,27 @@ async def test_stop_terminates_the_process_group(make_driver: MakeDriver) -> Non
     await async_wait_for(lambda: not _alive(child), message="the command's child ended")
     await driver.stop("web-1-c")  # idempotent
     await driver.stop("never-was")
+
+
+async def test_stop_right_after_run_is_prompt(make_driver: MakeDriver) -> None:
+    """SIGTERM sent while the wrapper is still starting the command is not lost."""
+    driver, _ = await make_driver()
+    loop = asyncio.get_running_loop()
+    for i in range(20):
+        await driver.run(sh(f"fast-{i}", "sleep 30"))
+        t0 = loop.time()
+        await driver.stop(f"fast-{i}", timeout=5)
+        assert loop.time() - t0 < 2
+        assert (await one(driver, f"fast-{i}")).exit_code == 143
+
+
+async def test_what_a_replica_leaves_behind_ends_with_it(make_driver: MakeDriver) -> None:
+    driver, events = await make_driver()
+    await driver.run(sh("web-1-r", "sleep 30 & echo $!; exit 0"))
+    await async_wait_for(lambda: events)
+    assert events[0].exit_code == 0
+    left = int((await log_texts(driver, "web-1-r"))[0])
+    await async_wait_for(lambda: not _alive(left), message="the background child was killed")
 
 
 async def test_stop_kills_a_process_that_ignores_term(make_driver: MakeDriver) -> None:
@@ -344,6 +365,9 @@ async def test_damaged_state_is_skipped(
     assert (found["bad-exit"].state, found["bad-exit"].exit_code) == ("exited", None)
     assert found["bad-exit"].error == "exit code unknown"
     assert "skipping" in caplog.text
+    caplog.clear()
+    await driver.list()
+    assert "skipping" not in caplog.text  # each damaged file is reported once
 
 
 async def test_a_recycled_pid_is_not_ours(make_driver: MakeDriver, tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ under a tiny ``/bin/sh`` wrapper that records ``$?`` in ``exit`` when the
 command ends; a restarted agent, which is not the parent and so cannot
 wait() for it, still learns its exit code. The wrapper costs one small shell
 process per replica and nothing else. Stopping signals every process of the
-replica's group except the wrapper, which lives on to record the code. (A
+replica's process group except the wrapper (found in /proc), which lives on
+to record the code. (A
 wrapper that trapped SIGTERM instead would pass its handler to the command's
 process between fork and exec, where a SIGTERM is silently swallowed.)
 
@@ -86,6 +87,8 @@ KILL_WAIT = 5.0
 """How long a SIGKILLed replica may take to be gone before stop gives up."""
 BASE_ENV = ("PATH", "HOME", "LANG")
 """The agent's variables a replica inherits; everything else comes from its spec."""
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""PATH when the agent has none (the one sh would use, so lookups agree)."""
 SH = "/bin/sh"
 
 # $1 work dir, $2 exit file, $3 cgroup.procs ("" for none), then the command.
@@ -133,15 +136,25 @@ class _Watch:
 # ----- /proc -----------------------------------------------------------------
 
 
+def _stat_fields(pid: int) -> list[bytes]:
+    """Fields 3 on of /proc/<pid>/stat (state, ppid, pgrp...); [] if no such process."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return []
+    try:
+        raw = os.read(fd, 4096)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    # comm (field 2) may hold spaces and parentheses: fields resume after the last ')'.
+    return raw[raw.rfind(b")") + 2 :].split()
+
+
 def _proc_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in ticks), or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    # comm (field 2) may hold spaces and parentheses: fields resume after the last ')'.
-    fields = raw[raw.rfind(b")") + 2 :].split()
+    fields = _stat_fields(pid)
     try:
         return fields[0].decode("ascii", "replace"), int(fields[19])
     except (IndexError, ValueError):
@@ -150,10 +163,8 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
 
 def _pgrp(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-        return int(raw[raw.rfind(b")") + 2 :].split()[2])
-    except (OSError, IndexError, ValueError):
+        return int(_stat_fields(pid)[2])
+    except (IndexError, ValueError):
         return None
 
 
@@ -407,6 +418,7 @@ class ProcessDriver:
         self._listener: Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watches: dict[str, _Watch] = {}
+        self._damaged: set[Path] = set()
         self._killed: set[str] = set()
         """Replicas our stop SIGKILLed: their wrapper died before writing a code."""
 
@@ -443,8 +455,8 @@ class ProcessDriver:
 
     async def list(self) -> list[Instance]:
         out = []
-        for rid in self._owned_ids():
-            inst = self._inspect(rid)
+        for rid in self._replica_dirs():
+            inst = self._inspect(rid)  # None for other owners' and damaged ones
             if inst is not None:
                 out.append(inst)
         return out
@@ -615,6 +627,9 @@ class ProcessDriver:
     async def logs(
         self, replica_id: str, *, tail: int | None = None, follow: bool = False
     ) -> AsyncIterator[LogLine]:
+        """stdout.log then stderr.log. The two files share no clock, so ``tail``
+        applies to each stream; followed lines come in the order they are read,
+        stamped with the read time (history lines get the file's mtime)."""
         rid = self._check_id(replica_id)
         self._load(rid)
         d = self._dir(rid)
@@ -670,21 +685,23 @@ class ProcessDriver:
             raise DriverError(f"bad replica id {rid!r}")
         return rid
 
-    def _owned_ids(self) -> list[str]:
+    def _replica_dirs(self) -> list[str]:
         try:
             entries = sorted(os.listdir(self.state_dir))
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
                 log.warning("cannot list %s: %s", self.state_dir, exc.strerror)
             return []
-        out = []
-        for name in entries:
-            if not _REPLICA_ID.fullmatch(name) or not (self.state_dir / name).is_dir():
-                continue
-            owner, _ = self._load(name, strict=False)
-            if owner == self.owner:
-                out.append(name)
-        return out
+        return [
+            name
+            for name in entries
+            if _REPLICA_ID.fullmatch(name) and (self.state_dir / name).is_dir()
+        ]
+
+    def _owned_ids(self) -> list[str]:
+        return [
+            rid for rid in self._replica_dirs() if self._load(rid, strict=False)[0] == self.owner
+        ]
 
     def _load(self, rid: str, strict: bool = True) -> tuple[str | None, LaunchSpec | None]:
         """(owner, spec) of a replica dir. strict: DriverError unless it is ours and readable."""
@@ -696,7 +713,7 @@ class ProcessDriver:
                 raise DriverError(f"no replica {rid}") from None
             return None, None
         except (OSError, ValueError, TypeError) as exc:
-            log.warning("skipping %s: %s", path, exc)
+            self._skip(path, exc)
             if strict:
                 raise DriverError(f"replica {rid}: unreadable {SPEC_FILE}") from None
             return None, None
@@ -711,33 +728,41 @@ class ProcessDriver:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as exc:
-            log.warning("skipping %s: %s", path, exc)
+            self._skip(path, exc)
             return None
+
+    def _skip(self, path: Path, exc: Exception) -> None:
+        """Log a damaged state file once, not on every list()."""
+        if path not in self._damaged:
+            self._damaged.add(path)
+            log.warning("skipping %s: %s", path, exc)
 
     def _inspect(self, rid: str) -> Instance | None:
         owner, spec = self._load(rid, strict=False)
         if spec is None or owner != self.owner:
             return None
-        base = {
-            "replica_id": rid,
-            "service": spec.service,
-            "slot": spec.slot,
-            "version": spec.version,
-            "ports": spec.ports,
-        }
+        # spec written but never started (the agent died in between): "created".
+        inst = Instance(
+            replica_id=rid,
+            service=spec.service,
+            slot=spec.slot,
+            version=spec.version,
+            state="created",
+            handle="",
+            ports=spec.ports,
+        )
         proc = self._read_proc(rid)
         if proc is None:
             if (self._dir(rid) / PID_FILE).exists():
                 return None  # unreadable: logged by _read_proc
-            # spec written but never started (the agent died in between).
-            return Instance(**base, state="created", handle="")
+            return inst
         if _is_running(proc):
-            return Instance(
-                **base, state="running", handle=str(proc.pid), started_at=proc.started_at
+            return dataclasses.replace(
+                inst, state="running", handle=str(proc.pid), started_at=proc.started_at
             )
         code, finished_at, error = self._result(rid, proc)
-        return Instance(
-            **base,
+        return dataclasses.replace(
+            inst,
             state="exited",
             handle=str(proc.pid),
             exit_code=code,
@@ -772,7 +797,7 @@ class ProcessDriver:
         except FileNotFoundError:
             pass
         except (OSError, ValueError, TypeError) as exc:
-            log.warning("replica %s: ignoring %s: %s", rid, RESULT_FILE, exc)
+            self._skip(d / RESULT_FILE, exc)
         exited = _read_exit(d / EXIT_FILE)
         oom = bool(proc.cgroup) and cgroups.oom_kills(Path(proc.cgroup or "")) > proc.oom_base
         if exited is not None:
@@ -787,6 +812,7 @@ class ProcessDriver:
 
     def _env(self, spec: LaunchSpec) -> dict[str, str]:
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
+        env.setdefault("PATH", DEFAULT_PATH)
         env.update(spec.env)
         return env
 
@@ -796,7 +822,7 @@ class ProcessDriver:
             path = work / command  # absolute stays absolute; relative is from the work dir
             if not (path.is_file() and os.access(path, os.X_OK)):
                 raise DriverError(f"executable not found: {command}")
-        elif shutil.which(command, path=env.get("PATH", os.defpath)) is None:
+        elif shutil.which(command, path=env.get("PATH", DEFAULT_PATH)) is None:
             raise DriverError(f"executable not found in PATH: {command}")
 
     def _spawn(self, d: Path, argv: tuple[str, ...], env: dict[str, str], leaf: Path | None) -> int:
