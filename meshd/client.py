@@ -19,13 +19,21 @@ import os
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
-__all__ = ["DEFAULT_ADDR", "ApiError", "AsyncClient", "Client", "ClientError", "base_url"]
+__all__ = [
+    "DEFAULT_ADDR",
+    "ApiError",
+    "AsyncClient",
+    "Client",
+    "ClientError",
+    "SpecDocument",
+    "base_url",
+]
 
 DEFAULT_ADDR = "127.0.0.1:7947"
 DEFAULT_PORT = 7947
@@ -75,6 +83,26 @@ def _kv_path(key: str) -> str:
     return "/v1/kv/" + quote(key, safe="/")
 
 
+def _service_path(name: str, *rest: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise ClientError("a service name must be a non-empty string")
+    return "/".join(["/v1/services", quote(name, safe=""), *rest])
+
+
+#: A spec to send: the document's bytes or text (YAML, JSON, compose), or a mapping.
+SpecDocument = bytes | str | Mapping[str, Any] | list[Any]
+
+
+def _spec_body(document: SpecDocument) -> tuple[bytes, str]:
+    if isinstance(document, bytes | bytearray | memoryview):
+        return bytes(document), "application/octet-stream"
+    if isinstance(document, str):
+        return document.encode(), "application/yaml"
+    if isinstance(document, Mapping | list):
+        return json.dumps(document).encode(), "application/json"
+    raise ClientError(f"a spec must be bytes, text or a mapping, not {type(document).__name__}")
+
+
 def _json(body: bytes, where: str) -> Any:
     try:
         return json.loads(body)
@@ -106,6 +134,7 @@ class _Call(Generic[T]):
     body: bytes | None = None
     ok: tuple[int, ...] = (200,)
     accept: dict[str, T] = field(default_factory=dict)
+    content_type: str = "application/octet-stream"
 
     def target(self) -> str:
         return self.path + ("?" + urlencode(self.params) if self.params else "")
@@ -169,6 +198,70 @@ class _Calls:
         if keys_only:
             params["keys"] = "true"
         return _Call("GET", "/v1/kv", self._read_json, params)
+
+    def _member_remove(self, node: str) -> _Call[bool]:
+        if not isinstance(node, str) or not node:
+            raise ClientError("a node name must be a non-empty string")
+        path = "/v1/members/" + quote(node, safe="")
+        return _Call("DELETE", path, lambda _: True, accept={"member_not_found": False})
+
+    def _services(self) -> _Call[list[dict[str, Any]]]:
+        return _Call("GET", "/v1/services", self._read_json)
+
+    def _service(self, name: str, *rest: str) -> _Call[Any]:
+        path = _service_path(name, *rest)
+        return _Call("GET", path, self._read_json, accept={"service_not_found": None})
+
+    def _service_put(self, name: str, document: SpecDocument) -> _Call[dict[str, Any]]:
+        body, content_type = _spec_body(document)
+        return _Call(
+            "PUT",
+            _service_path(name),
+            self._read_json,
+            body=body,
+            ok=(200, 201),
+            content_type=content_type,
+        )
+
+    def _deploy(self, document: SpecDocument) -> _Call[list[dict[str, Any]]]:
+        body, content_type = _spec_body(document)
+        return _Call("POST", "/v1/services", self._read_json, body=body, content_type=content_type)
+
+    def _service_delete(self, name: str) -> _Call[bool]:
+        return _Call(
+            "DELETE", _service_path(name), lambda _: True, accept={"service_not_found": False}
+        )
+
+    def _service_scale(self, name: str, replicas: int) -> _Call[dict[str, Any] | None]:
+        if isinstance(replicas, bool) or not isinstance(replicas, int):
+            raise ClientError(f"replicas must be an integer, not {type(replicas).__name__}")
+        return _Call(
+            "POST",
+            _service_path(name, "scale"),
+            self._read_json,
+            body=json.dumps({"replicas": replicas}).encode(),
+            accept={"service_not_found": None},
+            content_type="application/json",
+        )
+
+    def _service_logs(self, name: str, tail: int | None, follow: bool) -> _Call[None]:
+        params = {}
+        if tail is not None:
+            params["tail"] = str(tail)
+        if follow:
+            params["follow"] = "true"
+        return _Call("GET", _service_path(name, "logs"), _nothing, params)
+
+    def _log_line(self, raw: bytes) -> dict[str, Any] | None:
+        """A log line as sent; None for a blank line; an error line raises."""
+        if not raw.strip():
+            return None
+        line = _json(raw, f"the meshd agent at {self.addr}")
+        if not isinstance(line, dict):
+            raise ClientError(f"unexpected log line from the meshd agent at {self.addr}")
+        if "error" in line and "text" not in line:
+            raise ClientError(f"the log stream failed: {line.get('detail') or line['error']}")
+        return line
 
 
 def _unreachable(addr: str, reason: str) -> ClientError:
@@ -240,6 +333,86 @@ class Client(_Calls):
     def kv_keys(self, prefix: str = "") -> list[str]:
         return self._run(self._kv_list(prefix, True))
 
+    def member_remove(self, node: str) -> bool:
+        """Remove a dead member from the voter set; False if there is no such member."""
+        return self._run(self._member_remove(node))
+
+    def services(self) -> list[dict[str, Any]]:
+        return self._run(self._services())
+
+    def service(self, name: str) -> dict[str, Any] | None:
+        """The service's record, or None if there is no such service."""
+        return self._run(self._service(name))
+
+    def service_put(self, name: str, document: SpecDocument) -> dict[str, Any]:
+        """Create or replace one service from a spec (bytes or text as written, or a mapping)."""
+        return self._run(self._service_put(name, document))
+
+    def deploy(self, document: SpecDocument) -> list[dict[str, Any]]:
+        """Create or replace every service of a document (a compose file, a list of specs)."""
+        return self._run(self._deploy(document))
+
+    def service_delete(self, name: str) -> bool:
+        """True if the service was deleted, False if there was none."""
+        return self._run(self._service_delete(name))
+
+    def service_replicas(self, name: str) -> list[dict[str, Any]] | None:
+        return self._run(self._service(name, "replicas"))
+
+    def service_leader(self, name: str) -> dict[str, Any] | None:
+        return self._run(self._service(name, "leader"))
+
+    def service_scale(self, name: str, replicas: int) -> dict[str, Any] | None:
+        """The service's record at its new count, or None if there is no such service."""
+        return self._run(self._service_scale(name, replicas))
+
+    def service_logs(
+        self, name: str, *, tail: int | None = None, follow: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """The service's log lines. The request is made now (so an unknown service
+        raises here); with follow the lines keep coming until the iterator is closed."""
+        call = self._service_logs(name, tail, follow)
+        connection, response = self._open_stream(call, follow)
+        return self._lines(connection, response)
+
+    def _open_stream(
+        self, call: _Call[Any], follow: bool
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        parts = urlsplit(self.base)
+        factory = (
+            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        )
+        connection = factory(parts.hostname or "", parts.port, timeout=self.timeout)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            connection.request(call.method, call.target(), headers=headers)
+            response = connection.getresponse()
+            if response.status != 200:
+                body = response.read()
+                connection.close()
+                call.result(response.status, body, self.addr)  # raises: not a 200
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise _unreachable(self.addr, _reason(exc)) from None
+        if follow and connection.sock is not None:
+            connection.sock.settimeout(None)  # lines may be minutes apart
+        return connection, response
+
+    def _lines(
+        self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse
+    ) -> Iterator[dict[str, Any]]:
+        try:
+            while raw := response.readline():
+                line = self._log_line(raw)
+                if line is not None:
+                    yield line
+        except (OSError, http.client.HTTPException) as exc:
+            raise ClientError(
+                f"the log stream from the meshd agent at {self.addr} broke: {_reason(exc)}"
+            ) from None
+        finally:
+            connection.close()
+
     def _run(self, call: _Call[T]) -> T:
         request = urllib.request.Request(
             self.base + call.target(), data=call.body, method=call.method
@@ -247,7 +420,7 @@ class Client(_Calls):
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         if call.body is not None:
-            request.add_header("Content-Type", "application/octet-stream")
+            request.add_header("Content-Type", call.content_type)
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 status, body = response.status, response.read()
@@ -318,15 +491,86 @@ class AsyncClient(_Calls):
     async def kv_keys(self, prefix: str = "") -> list[str]:
         return await self._run(self._kv_list(prefix, True))
 
+    async def member_remove(self, node: str) -> bool:
+        return await self._run(self._member_remove(node))
+
+    async def services(self) -> list[dict[str, Any]]:
+        return await self._run(self._services())
+
+    async def service(self, name: str) -> dict[str, Any] | None:
+        return await self._run(self._service(name))
+
+    async def service_put(self, name: str, document: SpecDocument) -> dict[str, Any]:
+        return await self._run(self._service_put(name, document))
+
+    async def deploy(self, document: SpecDocument) -> list[dict[str, Any]]:
+        return await self._run(self._deploy(document))
+
+    async def service_delete(self, name: str) -> bool:
+        return await self._run(self._service_delete(name))
+
+    async def service_replicas(self, name: str) -> list[dict[str, Any]] | None:
+        return await self._run(self._service(name, "replicas"))
+
+    async def service_leader(self, name: str) -> dict[str, Any] | None:
+        return await self._run(self._service(name, "leader"))
+
+    async def service_scale(self, name: str, replicas: int) -> dict[str, Any] | None:
+        return await self._run(self._service_scale(name, replicas))
+
+    async def service_logs(
+        self, name: str, *, tail: int | None = None, follow: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The service's log lines (the request is made on the first iteration)."""
+        import aiohttp
+        from yarl import URL
+
+        call = self._service_logs(name, tail, follow)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.timeout, sock_read=None if follow else self.timeout
+        )
+        url = URL(self.base + call.target(), encoded=True)
+        try:
+            async with self._get_session().get(
+                url, headers=self._headers(), timeout=timeout
+            ) as response:
+                if response.status != 200:
+                    call.result(response.status, await response.read(), self.addr)  # raises
+                pending = b""
+                async for chunk in response.content.iter_any():
+                    *complete, pending = (pending + chunk).split(b"\n")
+                    for raw in complete:
+                        line = self._log_line(raw)
+                        if line is not None:
+                            yield line
+                line = self._log_line(pending)
+                if line is not None:
+                    yield line
+        except aiohttp.ClientConnectorError as exc:
+            raise _unreachable(self.addr, _reason(exc.os_error)) from None
+        except TimeoutError:
+            raise _unreachable(self.addr, "timed out") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unreachable(self.addr, _reason(exc)) from None
+
+    def _get_session(self) -> Any:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return self._session
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
     async def _run(self, call: _Call[T]) -> T:
         import aiohttp  # only async users pay for importing it
         from yarl import URL
 
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self._get_session()
+        headers = self._headers()
         if call.body is not None:
-            headers["Content-Type"] = "application/octet-stream"
+            headers["Content-Type"] = call.content_type
         url = URL(self.base + call.target(), encoded=True)
         try:
             async with self._session.request(
