@@ -174,7 +174,12 @@ class AgentProc:
 class LabCluster:
     """N lab hosts, each with a meshd agent started with only what a lab on
     one machine needs (a node name and data dir per host, since all hosts
-    share one hostname and file system) plus the interface."""
+    share one hostname and file system) plus the interface.
+
+    With ``docker=True`` every host gets its own Docker engine (holding the
+    test image) and its agent runs replicas there (``--driver docker``), so a
+    host's containers live in its namespace and die with it, as on a machine.
+    """
 
     def __init__(
         self,
@@ -184,8 +189,10 @@ class LabCluster:
         subnet: str = "10.79.0",
         workdir: Path | None = None,
         extra: Sequence[str] = (),
+        docker: bool = False,
     ) -> None:
         self.n = n
+        self.docker = docker
         self.lab = Lab(prefix, subnet)
         self.workdir = workdir or Path(f"/tmp/meshd-{prefix}")
         self.extra = list(extra)
@@ -194,7 +201,7 @@ class LabCluster:
 
     def __enter__(self) -> LabCluster:
         Lab.reap_stale(self.lab.prefix)
-        self.lab.up(self.n, owner_pid=os.getpid())
+        self.lab.up(self.n, docker=self.docker, owner_pid=os.getpid())
         shutil.rmtree(self.workdir, ignore_errors=True)
         return self
 
@@ -209,6 +216,10 @@ class LabCluster:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def argv(self, i: int, *more: str) -> list[str]:
+        # Before extra and more, so a caller's own --driver still wins.
+        engine = (
+            ["--driver", "docker", "--docker-url", self.lab.docker_host(i)] if self.docker else []
+        )
         return [
             *MESHD,
             "agent",
@@ -220,6 +231,7 @@ class LabCluster:
             str(self.workdir / f"h{i}"),
             "--log-format",
             "json",
+            *engine,
             *self.extra,
             *more,
         ]
@@ -228,6 +240,24 @@ class LabCluster:
         agent = AgentProc(self.lab, i, self.argv(i, *more), self.cond)
         self.agents[i] = agent
         return agent
+
+    def docker_cli(self, i: int, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """The docker CLI against host i's own engine (``docker=True``); text output."""
+        if not self.docker:
+            raise RuntimeError("this cluster has no Docker engines (LabCluster(docker=True))")
+        return subprocess.run(
+            ["docker", "-H", self.lab.docker_host(i), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def containers(self, i: int) -> list[str]:
+        """IDs of every container on host i's engine, running or not."""
+        out = self.docker_cli(i, "ps", "-aq")
+        if out.returncode != 0:
+            raise RuntimeError(f"docker ps on h{i}: {out.stderr.strip()}")
+        return out.stdout.split()
 
     def wait(self, pred: Callable[[], bool], timeout: float) -> bool:
         end = time.monotonic() + timeout
