@@ -530,12 +530,14 @@ class AsyncClient(_Calls):
             total=None, sock_connect=self.timeout, sock_read=None if follow else self.timeout
         )
         url = URL(self.base + call.target(), encoded=True)
+        started = False
         try:
             async with self._get_session().get(
                 url, headers=self._headers(), timeout=timeout
             ) as response:
                 if response.status != 200:
                     call.result(response.status, await response.read(), self.addr)  # raises
+                started = True
                 pending = b""
                 async for chunk in response.content.iter_any():
                     *complete, pending = (pending + chunk).split(b"\n")
@@ -548,10 +550,13 @@ class AsyncClient(_Calls):
                     yield line
         except aiohttp.ClientConnectorError as exc:
             raise _unreachable(self.addr, _reason(exc.os_error)) from None
-        except TimeoutError:
-            raise _unreachable(self.addr, "timed out") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise _unreachable(self.addr, _reason(exc)) from None
+        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            reason = "timed out" if isinstance(exc, TimeoutError) else _reason(exc)
+            if started:
+                raise ClientError(
+                    f"the log stream from the meshd agent at {self.addr} broke: {reason}"
+                ) from None
+            raise _unreachable(self.addr, reason) from None
 
     def _get_session(self) -> Any:
         import aiohttp
