@@ -294,20 +294,15 @@ class Workloads:
         if self.store.get(service_key(name)) is None and name not in self.leader.assignments:
             raise KeyError(name)
         replicas = self._replica_statuses(name)
-        offsets: dict[tuple[str, str], float] = {}
+        seen: dict[tuple[str, str], dict[str, int]] = {}
         first = True
         while True:
             calls = [
-                self._fetch_logs(
-                    node, st.id, None if not first else tail, offsets.get((node, st.id))
-                )
+                self._fetch_logs(node, st.id, tail if first else None, seen)
                 for node, st in replicas
             ]
             results = await asyncio.gather(*calls)
-            lines = sorted((line for batch in results for line in batch), key=lambda x: x["_t"])
-            for line in lines:
-                key = (line["node"], line["replica"])
-                offsets[key] = max(offsets.get(key, 0.0), line["_t"])
+            for line in sorted((x for batch in results for x in batch), key=lambda x: x["_t"]):
                 t = line.pop("_t")
                 line["time"] = datetime.fromtimestamp(t, UTC).isoformat()
                 yield line
@@ -318,17 +313,33 @@ class Workloads:
             replicas = self._replica_statuses(name) or replicas
 
     async def _fetch_logs(
-        self, node: str, replica: str, tail: int | None, since: float | None
+        self,
+        node: str,
+        replica: str,
+        tail: int | None,
+        seen: dict[tuple[str, str], dict[str, int]],
     ) -> list[dict[str, Any]]:
+        """New lines of one replica; ``seen`` counts the lines per stream
+        already given, so a followed log never repeats or skips a line."""
+        key = (node, replica)
+        skip = seen.get(key)
         try:
             body = await self.rpc.call(
-                node, "logs", {"replica": replica, "tail": tail, "since": since}, LOG_CALL_TIMEOUT
+                node,
+                "logs",
+                {"replica": replica, "tail": tail, "skip": skip},
+                LOG_CALL_TIMEOUT,
             )
         except RpcError as exc:
             log.debug("logs of %s from %s: %s", replica, node, exc)
             return []
+        if not isinstance(body, dict):
+            return []
+        counts = body.get("counts")
+        if isinstance(counts, dict):
+            seen[key] = {k: v for k, v in counts.items() if isinstance(v, int)}
         out = []
-        for item in body if isinstance(body, list) else []:
+        for item in body.get("lines", []) if isinstance(body.get("lines"), list) else []:
             if isinstance(item, list) and len(item) == 3:
                 stream, t, text = item
                 if isinstance(t, (int, float)) and isinstance(text, str):
@@ -343,26 +354,33 @@ class Workloads:
                     )
         return out
 
-    async def _serve_logs(self, caller: str, body: Any) -> list[list[Any]]:
+    async def _serve_logs(self, caller: str, body: Any) -> dict[str, Any]:
+        """Lines of a replica here: the last ``tail`` (when ``skip`` is None), or
+        those after ``skip`` lines per stream; with the line counts per stream."""
         if not isinstance(body, dict) or not isinstance(body.get("replica"), str):
             raise ValueError("logs request must name a replica")
         replica = body["replica"]
         tail = body.get("tail")
-        since = body.get("since")
+        skip = body.get("skip")
         if tail is not None and (type(tail) is not int or tail < 0):
             raise ValueError("tail must be a non-negative integer")
-        if since is not None and not isinstance(since, (int, float)):
-            raise ValueError("since must be a time")
-        out: list[list[Any]] = []
+        if skip is not None and not (
+            isinstance(skip, dict) and all(type(v) is int and v >= 0 for v in skip.values())
+        ):
+            raise ValueError("skip must map stream to a line count")
+        lines: list[list[Any]] = []
+        counts: dict[str, int] = {}
         try:
-            async for line in self.driver.logs(replica, tail=None if since is not None else tail):
-                if since is not None and line.time <= since:
+            async for line in self.driver.logs(replica):
+                n = counts.get(line.stream, 0)
+                counts[line.stream] = n + 1
+                if skip is not None and n < skip.get(line.stream, 0):
                     continue
-                out.append([line.stream, line.time, line.text])
-                if len(out) > MAX_LOG_LINES:
-                    del out[: len(out) - MAX_LOG_LINES]
+                lines.append([line.stream, line.time, line.text])
+                if len(lines) > MAX_LOG_LINES:
+                    del lines[: len(lines) - MAX_LOG_LINES]
         except DriverError as exc:
             raise ValueError(str(exc)) from None
-        if tail is not None and since is None:
-            out = out[-tail:] if tail else []
-        return out
+        if skip is None and tail is not None:
+            lines = lines[-tail:] if tail else []
+        return {"lines": lines, "counts": counts}

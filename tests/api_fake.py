@@ -94,6 +94,9 @@ class FakeView:
     def member_list(self) -> list[dict[str, Any]]:
         return [dict(m) for m in self.members]
 
+    def leases(self) -> list[dict[str, Any]]:
+        return [{"service": "web", "term": 3, "start": 1.0, "until": 3.0}]
+
     async def member_remove(self, node: str) -> bool:
         self._maybe_fail_service()
         member = next((m for m in self.members if m["name"] == node), None)

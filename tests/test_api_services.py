@@ -677,3 +677,9 @@ def test_any_json_spec_is_stored_or_refused_cleanly(
     status, _, answer = raw_request(server.port, "POST", "/v1/services", body)
     assert status in {200, 400, 413}, answer
     assert server.app[STATE].internal_errors == 0
+
+
+async def test_leases_lists_what_the_agent_held(api: TestClient) -> None:
+    resp = await api.get("/v1/agent/leases")
+    assert resp.status == 200
+    assert await resp.json() == [{"service": "web", "term": 3, "start": 1.0, "until": 3.0}]

@@ -66,6 +66,7 @@ def create_app(
             web.get("/v1/members", members),
             web.get("/v1/health", health),
             web.post("/v1/agent/leave", leave),
+            web.get("/v1/agent/leases", leases),
             *member_api.routes(),
             *kv.routes(),
             *services.routes(),
@@ -115,6 +116,14 @@ def _check_token(header: str | None, token: str) -> None:
 async def agent(request: web.Request) -> web.Response:
     query(request)
     return json_response(request.app[VIEW].agent_info())
+
+
+async def leases(request: web.Request) -> web.Response:
+    """Every service lease this agent has held since it started (wall-clock
+    seconds): how an operator, or a test, checks that no two leaders of a
+    service ever overlapped."""
+    query(request)
+    return json_response(request.app[VIEW].leases())
 
 
 async def members(request: web.Request) -> web.Response:

@@ -357,6 +357,33 @@ _PATHS: dict[str, Any] = {
             },
         }
     },
+    "/v1/agent/leases": {
+        "get": {
+            "operationId": "listLeases",
+            "summary": "Service leases this agent has held since it started (wall-clock s).",
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["service", "term", "start", "until"],
+                            "properties": {
+                                "service": {"type": "string"},
+                                "term": {"type": "integer"},
+                                "start": {"type": "number"},
+                                "until": {"type": "number"},
+                            },
+                        },
+                    },
+                    "Lease periods, oldest first.",
+                ),
+                "400": _problem("BadRequest"),
+                "401": _problem("Unauthorized"),
+                "403": _problem("Forbidden"),
+            },
+        }
+    },
     "/v1/kv": {
         "get": {
             "operationId": "listKeys",

@@ -73,6 +73,11 @@ class AgentView(Protocol):
         """Delete key (a tombstone); None if there was no live key."""
         ...
 
+    def leases(self) -> list[dict[str, Any]]:
+        """Service leases this agent has held since it started: ``service``,
+        ``term``, ``start`` and ``until`` in wall-clock seconds."""
+        ...
+
     async def member_remove(self, node: str) -> bool:
         """Remove a dead member from the lease voter set, so the rest can form a quorum.
 
