@@ -313,6 +313,9 @@ class Elector:
             del self._leading[service]
             period = self._open.pop(service, None)
             if period is not None:
+                # Stepping down early (a voter reported a newer term) ends
+                # the leadership now, before the lease would have run out.
+                period.until = min(period.until, wall)
                 self.history.append(period)
             self.stats["lost"] += 1
             log.info("no longer leading %s", service)
