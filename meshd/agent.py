@@ -122,6 +122,34 @@ class Agent:
             )
         except DriverUnavailable as exc:
             raise StartError(f"--driver {cfg.driver}: {exc}") from None
+        try:
+            await self._start_rest(cfg, data_dir, keyring)
+        except BaseException:
+            await self._abort_start()
+            raise
+
+    async def _abort_start(self) -> None:
+        """Undo a start that failed half way: nothing may be left open."""
+        if self.workloads is not None:
+            with contextlib.suppress(Exception):
+                await self.workloads.stop(stop_replicas=False)
+        elif self.driver is not None:
+            with contextlib.suppress(Exception):
+                await self.driver.close()
+        if self._discovery is not None:
+            with contextlib.suppress(Exception):
+                await self._discovery.stop()
+        if self._gossip is not None and self._gossip.running:
+            with contextlib.suppress(Exception):
+                await self._gossip.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self.store.close()
+
+    async def _start_rest(self, cfg: AgentConfig, data_dir: Path, keyring: Keyring) -> None:
+        assert self.driver is not None
         driver_name = self.driver.name
         # nvidia-smi may take seconds: keep the loop free meanwhile.
         self.facts = await asyncio.to_thread(
@@ -163,7 +191,6 @@ class Agent:
         try:
             await self.workloads.start()
         except Exception as exc:
-            await self._gossip.stop()
             raise StartError(f"runtime {self.driver.name}: {exc}") from None
         self.spawn(self._log_events())  # before discovery: joins start during it
         if cfg.mdns and cfg.mdns_interface:
@@ -179,15 +206,11 @@ class Agent:
             try:
                 await self._discovery.start()
             except (OSError, ValueError, RuntimeError) as exc:
-                await self._gossip.stop()
                 raise StartError(f"--mdns-interface {cfg.mdns_interface}: {exc}") from None
         app = create_app(self, token=cfg.api_token)
         try:
             self._api_runner = await serve(app, *cfg.api)
         except (OSError, ValueError) as exc:
-            if self._discovery is not None:
-                await self._discovery.stop()
-            await self._gossip.stop()
             raise StartError(f"--api {format_addr(cfg.api)}: {exc}") from None
         self.api_addr = cfg.api
         self.started_at = time.time()
