@@ -192,8 +192,18 @@ async def test_rpc_drops_and_counts_garbage() -> None:
 
 async def test_rpc_over_gossip_and_refusals(tmp_path: Path) -> None:
     a, b = Rpc("a"), Rpc("b")
-    ga = Gossip(local_config(allow_plaintext=True), name="a", bind=("127.0.0.1", 0), delegate=Mux(BaseDelegate(), a))
-    gb = Gossip(local_config(allow_plaintext=True), name="b", bind=("127.0.0.1", 0), delegate=Mux(BaseDelegate(), b))
+    ga = Gossip(
+        local_config(allow_plaintext=True),
+        name="a",
+        bind=("127.0.0.1", 0),
+        delegate=Mux(BaseDelegate(), a),
+    )
+    gb = Gossip(
+        local_config(allow_plaintext=True),
+        name="b",
+        bind=("127.0.0.1", 0),
+        delegate=Mux(BaseDelegate(), b),
+    )
     a.attach(ga)
     b.attach(gb)
     await ga.start()
