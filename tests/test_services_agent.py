@@ -1,15 +1,17 @@
 """One real agent in this process, process driver, loopback only: the whole
 service path (store, lease, leader, node controller, driver) on one node.
 
-Covers what a single host shows best: a job that completes and frees its
-slots, a pending reason, and adoption of running replicas by a new agent
-over the same data dir.
+Covers what a single host shows best: a rolling update that replaces every
+replica, a crashed replica restarted in place, logs, a job that completes and
+frees its slots, scaling to zero, a pending reason, and adoption of running
+replicas by a new agent over the same data dir.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from conftest import async_wait_for
 
 from meshd.agent import Agent
 from meshd.config import load_config
+from meshd.runtime.process import PID_FILE, _signal_group_but_leader
 from meshd.spec import ServiceSpec
 
 pytestmark = pytest.mark.integration
@@ -110,3 +113,55 @@ async def test_new_agent_adopts_running_replicas(tmp_path: Path) -> None:
         assert b.workloads is not None and b.workloads.controller.stats["adopted"] == 2
     finally:
         await b.stop(leave=True)
+
+
+async def test_deploy_scale_update_and_delete(tmp_path: Path) -> None:
+    async with running(tmp_path) as agent:
+        await agent.service_put(spec(replicas=2))
+        first = await async_wait_for(
+            lambda: len(ready(agent, "web")) == 2 and ready(agent, "web"), 10
+        )
+        assert agent.service_leader("web") == {"node": "solo", "term": 1}
+        # A rolling update (new env) replaces every replica with a new id and version.
+        await agent.service_put(spec(replicas=2, env={"X": "2"}))
+        version = agent.service_get("web")["version"]
+
+        def rolled() -> bool:
+            got = ready(agent, "web")
+            update = agent.service_get("web")["update"]
+            return (
+                len(got) == 2
+                and all(r["version"] == version for r in got)
+                and update is not None
+                and update["state"] == "done"
+            )
+
+        await async_wait_for(rolled, 15, message="rolled out")
+        assert not {r["id"] for r in ready(agent, "web")} & {r["id"] for r in first}
+        await agent.service_scale("web", 0)
+        await async_wait_for(lambda: agent.service_replicas("web") == [], 10)
+        assert await agent.service_delete("web")
+        await async_wait_for(lambda: agent.service_get("web") is None, 5)
+
+
+async def test_crashed_replica_restarts_and_logs_are_read(tmp_path: Path) -> None:
+    async with running(tmp_path) as agent:
+        await agent.service_put(spec(replicas=1))
+        (r,) = await async_wait_for(lambda: ready(agent, "web"), 10)
+
+        async def logged() -> bool:
+            lines = [line async for line in agent.service_logs("web", tail=10, follow=False)]
+            return any(line["text"] == f"hi {r['id']}" for line in lines)
+
+        await async_wait_for(logged, 5, message="the replica's first line in its logs")
+        state = json.loads(
+            (Path(agent.config.data_dir) / "replicas" / r["id"] / PID_FILE).read_text()
+        )
+        _signal_group_but_leader(state["pid"], signal.SIGKILL)  # the command, not its wrapper
+
+        def restarted() -> bool:
+            got = ready(agent, "web")
+            return len(got) == 1 and got[0]["restarts"] >= 1
+
+        await async_wait_for(restarted, 10, message="restarted after a crash")
+        assert ready(agent, "web")[0]["id"] == r["id"]  # the same replica, in place

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshd.aio import wait_event
 from meshd.runtime.backoff import RestartBackoff
 from meshd.runtime.base import Driver, DriverError, Instance, LaunchSpec, PortBinding
 from meshd.runtime.health import HealthTracker, run_probe
@@ -237,8 +238,7 @@ class NodeController:
             except Exception:
                 log.exception("reconcile pass failed")
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._next_wait())
+            await wait_event(self._wake, self._next_wait())
 
     def _next_wait(self) -> float:
         now = self._clock()

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshd.aio import wait_event
 from meshd.rpc import Rpc, RpcError
 from meshd.scheduler.lease import Candidate, LeaseReply, LeaseRequest, Voter, candidate
 
@@ -191,8 +192,7 @@ class Elector:
             except Exception:
                 log.exception("election step failed")
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.tick)
+            await wait_event(self._wake, self.config.tick)
 
     def _step(self) -> None:
         now = self._clock()

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from meshd.aio import wait_event
 from meshd.scheduler.assignment import (
     ASSIGN_PREFIX,
     SERVICE_PREFIX,
@@ -174,8 +175,7 @@ class LeaderLoop:
             self._wake.clear()
             if self._dirty:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), PERIOD)
+            await wait_event(self._wake, PERIOD)
 
     def plan(self, service: str, term: int) -> None:
         """One planning pass for service as leader in term; writes if anything changed."""
