@@ -169,6 +169,28 @@ def test_minority_side_never_takes_a_lease(mesh: LabCluster) -> None:
     # Healed: the majority learns the service, leads it and runs it.
     wait_ready(mesh.agents[1], "lonely", 2, 60)
     assert_no_overlapping_leases(mesh)
+    # The minority was declared dead meanwhile and its replicas re-placed: back
+    # in the cluster, each host runs exactly what is assigned to it now.
+    until(lambda: runs_only_assigned(mesh), 30, "every host runs only its assigned replicas")
+
+
+def runs_only_assigned(cluster: LabCluster) -> bool:
+    h1 = cluster.agents[1]
+    assigned: dict[str, int] = {}
+    for svc in h1.api("/v1/services"):
+        for r in h1.api(f"/v1/services/{svc['name']}/replicas"):
+            assigned[r["node"]] = assigned.get(r["node"], 0) + 1
+    for i in cluster.agents:
+        pids = subprocess.run(
+            ["ip", "netns", "pids", cluster.lab.ns(i)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        servers = 0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                servers += cmd[:2] == [b"busybox", b"httpd"]
+        assert servers == assigned.get(f"h{i}", 0), f"h{i} runs {servers}, assigned {assigned}"
+    return True
 
 
 def test_exhausted_resources_give_a_pending_reason(mesh: LabCluster) -> None:
