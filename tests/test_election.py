@@ -230,3 +230,30 @@ async def test_rpc_over_gossip_and_refusals(tmp_path: Path) -> None:
     finally:
         await ga.stop()
         await gb.stop()
+
+
+async def test_lease_history_survives_a_crash(tmp_path: Path) -> None:
+    names = ["a", "b", "c"]
+    nodes = await cluster(tmp_path, names, names, {"web"})
+    try:
+        await async_wait_for(lambda: len(leaders(nodes, "web")) == 1, 5)
+        lead = next(n for n in nodes if n.name == leaders(nodes, "web")[0])
+        await async_wait_for(lambda: lead.elector.history_path.exists(), 2, message="written")
+        held = lead.elector.leases()
+        again = Elector(
+            lead.name,
+            Rpc(lead.name),
+            state_path=tmp_path / f"{lead.name}-votes.json",
+            voters=lambda: names,
+            alive=lambda: names,
+            services=lambda: [],
+            config=FAST,
+        )
+        earlier = again.leases()
+        assert [(p["service"], p["term"]) for p in earlier] == [
+            (p["service"], p["term"]) for p in held
+        ]
+        assert earlier[0]["until"] > earlier[0]["start"]
+    finally:
+        for n in nodes:
+            await n.kill()

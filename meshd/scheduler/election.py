@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -47,6 +48,10 @@ __all__ = ["ElectionConfig", "Elector", "LeasePeriod", "voter_digest"]
 log = logging.getLogger(__name__)
 
 METHOD = "lease"
+MAX_HISTORY = 1000
+"""Lease periods kept (in memory and on disk) for ``leases()``."""
+HISTORY_WRITE_INTERVAL = 0.2
+"""Seconds between writes of the lease history while it changes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +133,11 @@ class Elector:
         self._wake = asyncio.Event()
         self.history: list[LeasePeriod] = []
         self._open: dict[str, LeasePeriod] = {}
+        self.history_path = state_path.with_name("lease-history.json")
+        self._earlier = self._load_history()
+        """Periods recorded by this node's earlier processes (a crash included)."""
+        self._history_dirty = False
+        self._history_written = -math.inf
         self.stats: dict[str, int] = {
             "bids": 0,
             "renewals": 0,
@@ -146,6 +156,8 @@ class Elector:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        self._history_written = -math.inf
+        self._write_history(self._clock())
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -177,11 +189,46 @@ class Elector:
         return hint[0] if hint is not None else None
 
     def leases(self) -> list[dict[str, Any]]:
-        """Every leadership period this process has had (closed and open)."""
+        """Every leadership period this node has had, oldest first: those of
+        earlier runs (from disk; a run that crashed may miss its last
+        ``HISTORY_WRITE_INTERVAL`` of extensions) and this run's."""
+        return self._earlier + self._current()
+
+    def _current(self) -> list[dict[str, Any]]:
         return [
             {"service": p.service, "term": p.term, "start": p.start, "until": p.until}
             for p in [*self.history, *self._open.values()]
         ]
+
+    def _load_history(self) -> list[dict[str, Any]]:
+        try:
+            data = json.loads(self.history_path.read_text())
+        except (OSError, ValueError):
+            return []
+        if not isinstance(data, list):
+            return []
+        keys = {"service": str, "term": int, "start": float, "until": float}
+        out = []
+        for item in data[-MAX_HISTORY:]:
+            if isinstance(item, dict) and all(
+                isinstance(item.get(k), t) or (t is float and isinstance(item.get(k), int))
+                for k, t in keys.items()
+            ):
+                out.append({k: item[k] for k in keys})
+        return out
+
+    def _write_history(self, now: float) -> None:
+        """Throttled, not synced: a record for people and tests, not for safety."""
+        if not self._history_dirty or now - self._history_written < HISTORY_WRITE_INTERVAL:
+            return
+        self._history_dirty = False
+        self._history_written = now
+        tmp = self.history_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps((self._earlier + self._current())[-MAX_HISTORY:]))
+            os.replace(tmp, self.history_path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.history_path, exc)
 
     # ------------------------------------------------------------ the loop
 
@@ -244,6 +291,7 @@ class Elector:
             self._queue(outgoing, cand.start(term, voters, now), digest)
         for voter, reqs in outgoing.items():
             self._spawn(self._ask(voter, reqs))
+        self._write_history(now)
 
     def _queue(
         self,
@@ -294,6 +342,8 @@ class Elector:
         self, service: str, cand: Candidate | None, leading: bool, now: float
     ) -> None:
         wall = self._wall()
+        if leading or service in self._leading:
+            self._history_dirty = True
         if leading and cand is not None:
             until = wall + (cand.valid_until - now)
             period = self._open.get(service)
@@ -320,7 +370,7 @@ class Elector:
             self.stats["lost"] += 1
             log.info("no longer leading %s", service)
             self._on_change(service, False)
-        del self.history[:-1000]
+        del self.history[:-MAX_HISTORY]
 
     # ------------------------------------------------------------ voting
 
