@@ -56,6 +56,7 @@ from meshd.scheduler.assignment import (
 from meshd.scheduler.lease import accept_assignment
 from meshd.scheduler.placement import Resources
 from meshd.spec import ServiceSpec
+from meshd.state.hlc import Timestamp
 from meshd.state.store import Entry
 
 __all__ = ["NodeController", "spec_resources"]
@@ -68,6 +69,8 @@ STATUS_FLUSH_DELAY = 0.02
 """Status changes within this window go out as one write per service."""
 RESYNC_INTERVAL = 5.0
 """A full pass even without events: catches anything an event missed."""
+RETIRED_HANDLES = 8
+"""Instances per replica whose late events are recognised and dropped."""
 RUNTIME_ERROR_BACKOFF = RestartBackoff(first=1.0, max=30.0)
 """Template for start failures (image missing...): slower than crash loops."""
 
@@ -112,6 +115,14 @@ class _Replica:
     """Finished for good (succeeded, or failed under its restart policy)."""
     exit_code: int | None = None
     started_ms: int = 0
+    retired: dict[str, None] = field(default_factory=dict)
+    """Handles of its recent instances that exited or were stopped (oldest
+    first): later events about them are stale."""
+
+    def retire(self, inst: Instance) -> None:
+        self.retired[inst.handle] = None
+        while len(self.retired) > RETIRED_HANDLES:
+            del self.retired[next(iter(self.retired))]
 
 
 class NodeController:
@@ -149,6 +160,9 @@ class NodeController:
         self._orphans: dict[str, Instance] = {}
         """Instances the runtime has that no assignment names: to stop and remove."""
         self._terms: dict[str, int] = {}
+        self._counted: dict[str, tuple[str, Timestamp]] = {}
+        """Assignment key -> (stat, entry timestamp) already counted as bad or
+        stale: every pass sees the entry again; it is counted (and logged) once."""
         self._dirty: set[str] = set()
         self._reported: dict[str, bytes] = {}
         self._wake = asyncio.Event()
@@ -210,7 +224,7 @@ class NodeController:
 
     def replicas(self) -> list[tuple[str, ReplicaStatus]]:
         """(service, status) of every replica this node manages."""
-        return [(r.assigned.id.rsplit("-", 2)[0], self._status(r)) for r in self._replicas.values()]
+        return [(r.spec.name, self._status(r)) for r in self._replicas.values()]
 
     def replica(self, replica_id: str) -> _Replica | None:
         return self._replicas.get(replica_id)
@@ -224,7 +238,16 @@ class NodeController:
     def _on_instance(self, inst: Instance) -> None:
         rep = self._replicas.get(inst.replica_id)
         if rep is not None:
-            if rep.instance is None or rep.instance.handle == inst.handle or not rep.busy:
+            # Only news of the current instance (or, when there is none, of
+            # one not yet seen: a start in flight) counts. Runtimes report one
+            # exit more than once (docker: "oom" then "die", replays after a
+            # reconnect); taken in, a late one would count an exit twice or
+            # replace the instance that has run since.
+            current = rep.instance
+            if current is None:
+                if inst.handle not in rep.retired:
+                    rep.instance = inst
+            elif current.handle == inst.handle:
                 rep.instance = inst
         elif inst.replica_id in self._orphans or inst.state != "exited":
             self._orphans[inst.replica_id] = inst
@@ -232,12 +255,15 @@ class NodeController:
 
     async def _run(self) -> None:
         while True:
+            # Cleared before the pass, not after: a wake-up asked for during
+            # it (an exit handled, room freed by a finished job) must cause
+            # the next pass now, not at the next resync.
+            self._wake.clear()
             try:
                 self._sync_desired()
                 self._reconcile()
             except Exception:
                 log.exception("reconcile pass failed")
-            self._wake.clear()
             await wait_event(self._wake, self._next_wait())
 
     def _next_wait(self) -> float:
@@ -255,18 +281,27 @@ class NodeController:
         """Bring ``_replicas`` in line with the stored assignments naming this node."""
         wanted: dict[str, tuple[AssignedReplica, ServiceSpec, str]] = {}
         services_seen: set[str] = set()
-        for entry in self.store.list(ASSIGN_PREFIX):
+        entries = self.store.list(ASSIGN_PREFIX)
+        keys = {e.key for e in entries}
+        self._counted = {k: v for k, v in self._counted.items() if k in keys}
+        for entry in entries:
             try:
                 assignment = decode_assignment(entry.value)
             except ValueError as exc:
-                self.stats["bad_assignments"] += 1
-                log.warning("ignoring malformed %s: %s", entry.key, exc)
+                if self._count_once("bad_assignments", entry):
+                    log.warning("ignoring malformed %s: %s", entry.key, exc)
                 continue
             service = assignment.service
             services_seen.add(service)
             seen = self._terms.get(service, 0)
             if not accept_assignment(seen, assignment.term):
-                self.stats["stale_assignments"] += 1
+                if self._count_once("stale_assignments", entry):
+                    log.info(
+                        "ignoring %s of term %d: term %d applied already",
+                        entry.key,
+                        assignment.term,
+                        seen,
+                    )
                 # Keep what we run for it until a current leader says otherwise.
                 for rid, rep in self._replicas.items():
                     if _service_of(rep) == service:
@@ -278,7 +313,7 @@ class NodeController:
             for r in assignment.replicas:
                 if r.node != self.node:
                     continue
-                spec = self._spec_for(assignment, r)
+                spec = self._spec_for(assignment, r, entry)
                 if spec is not None:
                     wanted[r.id] = (r, spec, service)
         for rid, (assigned, spec, _service) in wanted.items():
@@ -303,13 +338,24 @@ class NodeController:
             if service not in services_seen:
                 self._dirty.add(service)
 
-    def _spec_for(self, assignment: Assignment, r: AssignedReplica) -> ServiceSpec | None:
+    def _spec_for(
+        self, assignment: Assignment, r: AssignedReplica, entry: Entry
+    ) -> ServiceSpec | None:
         try:
             return assignment.spec(r.version)
         except (KeyError, ValueError) as exc:
-            self.stats["bad_assignments"] += 1
-            log.warning("assignment of %s has no usable spec %s: %s", r.id, r.version, exc)
+            if self._count_once("bad_assignments", entry):
+                log.warning("assignment of %s has no usable spec %s: %s", r.id, r.version, exc)
             return None
+
+    def _count_once(self, stat: str, entry: Entry) -> bool:
+        """Count ``stat`` for this version of the entry unless already done."""
+        mark = (stat, entry.ts)
+        if self._counted.get(entry.key) == mark:
+            return False
+        self._counted[entry.key] = mark
+        self.stats[stat] += 1
+        return True
 
     def _adopt(self, rep: _Replica, inst: Instance) -> None:
         rep.instance = inst
@@ -360,7 +406,10 @@ class NodeController:
 
     def _admit(self) -> None:
         """Admit new replicas in a fixed order while they fit; refuse the rest."""
-        pending = [r for r in self._replicas.values() if not r.admitted]
+        # A finished replica (done) gave its room back and needs none again:
+        # were it pending here it would take that room from the others, and
+        # be reported "refused" when it no longer fit.
+        pending = [r for r in self._replicas.values() if not r.admitted and not r.done]
         if not pending:
             return
         free = self._allocatable()
@@ -415,7 +464,10 @@ class NodeController:
             )
         self._dirty.add(rep.spec.name)
         if old is not None:
-            self._spawn(self._forget(old))
+            rep.retire(old)
+            # As an op (busy): the removal is by replica id, so a restart must
+            # not run before it is done, or it would remove the new instance.
+            self._op(rep, self._forget(old))
         self._wake.set()
 
     def _release(self, rep: _Replica) -> None:
@@ -500,6 +552,7 @@ class NodeController:
             self.stats["restarts"] += 1
         self.stats["started"] += 1
         rep.instance = inst if rep.instance is None else rep.instance
+        rep.retired.pop(inst.handle, None)  # a reused pid is a new instance
         rep.start_errors.reset()
         rep.started_ms = self._wall_ms()
         rep.state = "running" if inst.state == "running" else rep.state
@@ -509,17 +562,33 @@ class NodeController:
         self._start_health(rep)
 
     async def _restart_unhealthy(self, rep: _Replica) -> None:
+        """Stop, remove and (after the backoff) start again a replica that
+        failed its health check, whatever its restart policy: the exit that
+        the stop causes is this restart, not an exit to judge by the policy
+        (a replica that shuts down cleanly on SIGTERM would "succeed")."""
         if rep.health_task is not None:
             rep.health_task.cancel()
             rep.health_task = None
         rep.health = None
+        rid = rep.assigned.id
+        old = rep.instance
+        try:
+            await self.driver.stop(rid, STOP_TIMEOUT)
+        except DriverError as exc:
+            log.warning("cannot restart unhealthy %s: %s", rid, exc)
+            if rep.instance is not None and rep.instance.state == "running":
+                self._start_health(rep)  # check on; the next failure tries again
+            return
         with contextlib.suppress(DriverError):
-            await self.driver.stop(rep.assigned.id, STOP_TIMEOUT)
-        # The exit arrives as an event and goes through the restart policy;
-        # an unhealthy replica is restarted whatever its policy.
-        if rep.instance is not None and rep.instance.state != "exited":
-            rep.instance = None
-        rep.backoff.on_exit(self._clock())
+            await self.driver.remove(rid)  # run() clears a leftover, should this fail
+        for inst in (old, rep.instance):
+            if inst is not None:
+                rep.retire(inst)
+        rep.instance = None
+        delay = rep.backoff.on_exit(self._clock())
+        rep.state = "exited"
+        rep.reason += f"; restarting in {delay:.1f}s"
+        self._dirty.add(rep.spec.name)
 
     async def _forget(self, inst: Instance) -> None:
         with contextlib.suppress(DriverError):
