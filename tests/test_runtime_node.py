@@ -509,6 +509,21 @@ async def test_on_failure_exit_zero_succeeds_and_is_not_restarted() -> None:
         assert h.replica("web", "web-0-a").state == "succeeded"  # type: ignore[union-attr]
 
 
+async def test_replica_finished_before_a_restart_is_not_run_again() -> None:
+    def before(h: Harness) -> None:
+        done = ReplicaStatus(
+            "web-0-a", 0, "v", "succeeded", exit_code=0, reason="exited with code 0"
+        )
+        old = ServiceStatus(NODE, "web", term=1, replicas=(done,), updated_ms=wall_ms())
+        h.store.put(status_key(NODE, "web"), encode_status(old), wall_ms())
+        h.assign(spec("web", restart="on-failure"), [("web-0-a", 0)], term=1)
+
+    async with running(before_start=before) as h:
+        await h.barrier()
+        assert h.driver.launched("web-0-a") == []
+        assert h.replica("web", "web-0-a").state == "succeeded"  # type: ignore[union-attr]
+
+
 async def test_on_failure_exit_nonzero_is_restarted() -> None:
     async with running() as h:
         h.assign(spec("web", restart="on-failure"), [("web-0-a", 0)])

@@ -40,7 +40,7 @@ from meshd.aio import wait_event
 from meshd.runtime.backoff import RestartBackoff
 from meshd.runtime.base import Driver, DriverError, Instance, LaunchSpec, PortBinding
 from meshd.runtime.health import HealthTracker, run_probe
-from meshd.runtime.ports import PortAllocator, PortsExhausted
+from meshd.runtime.ports import PortAllocator, PortError, PortsExhausted
 from meshd.scheduler.assignment import (
     ASSIGN_PREFIX,
     STATUS_PREFIX,
@@ -71,8 +71,6 @@ RESYNC_INTERVAL = 5.0
 """A full pass even without events: catches anything an event missed."""
 RETIRED_HANDLES = 8
 """Instances per replica whose late events are recognised and dropped."""
-RUNTIME_ERROR_BACKOFF = RestartBackoff(first=1.0, max=30.0)
-"""Template for start failures (image missing...): slower than crash loops."""
 
 
 def spec_resources(spec: ServiceSpec) -> Resources:
@@ -157,6 +155,8 @@ class NodeController:
         self._wall_ms = wall_ms
         self._clock = clock
         self._replicas: dict[str, _Replica] = {}
+        self._finished: dict[str, ReplicaStatus] = {}
+        """Replicas reported finished before a restart: adopted as finished."""
         self._orphans: dict[str, Instance] = {}
         """Instances the runtime has that no assignment names: to stop and remove."""
         self._terms: dict[str, int] = {}
@@ -190,6 +190,9 @@ class NodeController:
                 status = decode_status(entry.value)
                 self._terms[status.service] = status.term
                 self._reported[status.service] = _comparable(entry.value)
+                for r in status.replicas:
+                    if r.state in ("succeeded", "failed"):
+                        self._finished[r.id] = r
         await self.driver.start(self._on_instance)
         for inst in await self.driver.list():
             self._orphans[inst.replica_id] = inst
@@ -321,7 +324,15 @@ class NodeController:
             if rep is None:
                 self._replicas[rid] = rep = _Replica(assigned, spec)
                 inst = self._orphans.pop(rid, None)
-                if inst is not None:
+                finished = self._finished.pop(rid, None)
+                if finished is not None and (inst is None or inst.state == "exited"):
+                    # Done before this agent restarted: never run it again.
+                    rep.done = True
+                    rep.state = finished.state
+                    rep.reason = finished.reason
+                    rep.exit_code = finished.exit_code
+                    rep.started_ms = finished.started_ms
+                elif inst is not None:
                     self._adopt(rep, inst)
                 self._dirty.add(spec.name)
         for rid in [rid for rid in self._replicas if rid not in wanted]:
@@ -362,7 +373,12 @@ class NodeController:
         rep.admitted = True
         rep.ports = {p.name: p.host_port for p in inst.ports}
         if rep.ports:
-            self.ports.adopt(rep.assigned.id, rep.ports)
+            try:
+                self.ports.adopt(rep.assigned.id, rep.ports)
+            except PortError as exc:
+                # Two replicas claim a port (state from before a crash): keep
+                # the replica; the allocator simply will not hand the port out.
+                log.warning("replica %s: %s", rep.assigned.id, exc)
         rep.state = "running" if inst.state == "running" else "exited"
         rep.started_ms = int((inst.started_at or 0) * 1000)
         if inst.state == "running":
