@@ -368,19 +368,22 @@ class Workloads:
             isinstance(skip, dict) and all(type(v) is int and v >= 0 for v in skip.values())
         ):
             raise ValueError("skip must map stream to a line count")
-        lines: list[list[Any]] = []
-        counts: dict[str, int] = {}
+        by_stream: dict[str, list[list[Any]]] = {}
         try:
             async for line in self.driver.logs(replica):
-                n = counts.get(line.stream, 0)
-                counts[line.stream] = n + 1
-                if skip is not None and n < skip.get(line.stream, 0):
-                    continue
-                lines.append([line.stream, line.time, line.text])
-                if len(lines) > MAX_LOG_LINES:
-                    del lines[: len(lines) - MAX_LOG_LINES]
+                got = by_stream.setdefault(line.stream, [])
+                got.append([line.stream, line.time, line.text])
         except DriverError as exc:
             raise ValueError(str(exc)) from None
+        counts = {stream: len(got) for stream, got in by_stream.items()}
+        lines: list[list[Any]] = []
+        for stream, got in by_stream.items():
+            start = 0 if skip is None else skip.get(stream, 0)
+            if start > len(got):
+                start = 0  # fewer lines than already seen: the log was rotated
+            lines.extend(got[start:])
+        lines.sort(key=lambda x: x[1])
+        lines = lines[-MAX_LOG_LINES:]
         if skip is None and tail is not None:
             lines = lines[-tail:] if tail else []
         return {"lines": lines, "counts": counts}

@@ -537,3 +537,27 @@ def _is_zombie(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
     except (OSError, IndexError):
         return False
+
+
+async def test_big_logs_are_rotated_and_the_replica_writes_on(tmp_path: Path) -> None:
+    driver = ProcessDriver(tmp_path / "state", owner="rot")
+    await driver.start(lambda inst: None)
+    try:
+        driver.max_log_bytes = 1000
+        argv = (
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 100 ]; do echo line-$i-xxxxxxxxxxxxxxxx; i=$((i+1)); done; exec sleep 30",
+        )
+        await driver.run(
+            LaunchSpec(replica_id="r1", service="s", slot=0, version="v", command=argv)
+        )
+        log_file = tmp_path / "state" / "r1" / "stdout.log"
+        await async_wait_for(lambda: log_file.exists() and log_file.stat().st_size > 1000, 5)
+        assert driver.rotate_logs() == 1
+        assert (tmp_path / "state" / "r1" / "stdout.log.1").stat().st_size > 1000
+        assert log_file.stat().st_size == 0
+        assert driver.rotate_logs() == 0
+    finally:
+        await driver.stop("r1", 2.0)
+        await driver.close()

@@ -78,6 +78,11 @@ STDERR_LOG = "stderr.log"
 WORK_DIR = "work"
 
 EXEC_OUTPUT_MAX = 4096
+MAX_LOG_BYTES = 16 * 1024 * 1024
+"""A replica's stdout or stderr log past this is rotated (copy to ``.1``, then
+truncate): two generations per stream bound a chatty replica's disk use."""
+LOG_ROTATE_INTERVAL = 10.0
+"""How often log sizes are checked."""
 LOG_POLL = 0.1
 """Seconds between size checks when following logs."""
 LOG_CHUNK = 64 * 1024
@@ -421,6 +426,8 @@ class ProcessDriver:
         self._damaged: set[Path] = set()
         self._killed: set[str] = set()
         """Replicas our stop SIGKILLed: their wrapper died before writing a code."""
+        self._rotator: asyncio.Task[None] | None = None
+        self.max_log_bytes = MAX_LOG_BYTES
 
     # -- lifecycle --
 
@@ -444,8 +451,40 @@ class ProcessDriver:
             elif not self._recorded(rid, proc):
                 # Ended while no agent watched: record it, reap it if ours, kill leftovers.
                 self._settle(rid, proc)
+        self._rotator = self._loop.create_task(self._rotate_logs_forever())
+
+    async def _rotate_logs_forever(self) -> None:
+        while True:
+            await asyncio.sleep(LOG_ROTATE_INTERVAL)
+            try:
+                await asyncio.to_thread(self.rotate_logs)
+            except Exception:
+                log.exception("log rotation failed")
+
+    def rotate_logs(self) -> int:
+        """Rotate every log of this owner's replicas past ``max_log_bytes``
+        (copy, then truncate in place: the replica keeps its open file, which
+        is in append mode, so it writes on at the start). Lines written
+        between the copy and the truncation are lost, as with logrotate's
+        copytruncate. Returns how many files were rotated."""
+        rotated = 0
+        for rid in self._owned_ids():
+            for name in (STDOUT_LOG, STDERR_LOG):
+                path = self.state_dir / rid / name
+                try:
+                    if path.stat().st_size <= self.max_log_bytes:
+                        continue
+                    shutil.copyfile(path, path.with_name(name + ".1"))
+                    os.truncate(path, 0)
+                    rotated += 1
+                except OSError as exc:
+                    log.warning("cannot rotate %s: %s", path, exc)
+        return rotated
 
     async def close(self) -> None:
+        if self._rotator is not None:
+            self._rotator.cancel()
+            self._rotator = None
         for rid in list(self._watches):
             self._unwatch(rid)
         self._listener = None
