@@ -12,7 +12,15 @@ remove``), not the live membership: a dead node still counts, so a minority
 side of a partition can never make a majority. Requests carry a digest of
 the candidate's voter set, and a voter whose own view differs refuses: two
 majorities computed over different sets could otherwise miss each other
-while a join or removal spreads.
+while a join or removal spreads. What this guarantees, and what not: any
+majority of a set and any majority of that set plus or minus one node share
+a node (the argument behind Raft's single-server membership changes), so
+changes that happen one node at a time -- each spreads through the store
+in well under a second -- never allow two leaders. Several nodes joining or
+being removed within the same second could, in principle, leave two voter
+views that differ by two or more nodes at once; there is no joint
+consensus here. Operators add or remove nodes one at a time (``meshd
+members remove`` says so too).
 
 Voter state (the highest term granted per service) is written to disk,
 atomically and synced, before any grant that raised it leaves the node;
