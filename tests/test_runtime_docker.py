@@ -7,6 +7,7 @@ up) its own containers, even when other runs share the engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -289,6 +290,41 @@ async def test_a_missing_image_is_a_clear_error(h: Harness) -> None:
         await h.driver.run(spec)
     assert "\n" not in str(err.value)
     assert await h.driver.list() == []
+
+
+async def test_an_image_seen_present_is_not_inspected_again(h: Harness) -> None:
+    images = h.driver._client().images
+    calls: list[str] = []
+    real = images.inspect
+
+    async def counting(name: str) -> dict:
+        calls.append(name)
+        return await real(name)
+
+    images.inspect = counting  # type: ignore[method-assign]
+    for _ in range(3):
+        await h.driver.run(h.spec("sh", "-c", "sleep 30"))
+    assert calls == [TEST_IMAGE]
+
+
+async def test_an_image_removed_after_it_was_seen_is_looked_for_again(h: Harness) -> None:
+    # Under a loopback registry's name: the pull that follows fails at once, off no network.
+    repo = f"127.0.0.1:1/meshd-test/gone-{uuid.uuid4().hex[:8]}"
+    image = repo + ":v1"
+    async with aiodocker.Docker(url=h.url) as docker:
+        await docker.images.tag(TEST_IMAGE, repo, tag="v1")
+        try:
+            await h.driver.run(h.spec("sh", "-c", "sleep 30", image=image))
+            await docker.images.delete(image)  # only the tag: the image stays
+            with pytest.raises(DriverError, match="not found locally and could not be pulled"):
+                await h.driver.run(h.spec("sh", "-c", "sleep 30", image=image))
+            await docker.images.tag(TEST_IMAGE, repo, tag="v1")
+            again = await h.driver.run(h.spec("sh", "-c", "sleep 30", image=image))
+            assert again.state == "running"
+        finally:
+            with contextlib.suppress(aiodocker.DockerError):
+                await docker.images.delete(image)
+    assert len(await h.driver.list()) == 2
 
 
 async def test_a_missing_binary_exits_127_with_the_reason_in_its_logs(h: Harness) -> None:

@@ -8,6 +8,12 @@ policy "no"): the controller decides, with its own backoff.
 State changes come from the engine's event stream, filtered to this node's
 containers; the stream is resubscribed (replaying from the last event seen)
 whenever it breaks, so an exit is never missed and nothing polls.
+
+Starting a replica is create, start, inspect: three calls. An image found
+present is remembered, so it is not inspected again for every replica, and a
+name still held by an older container of the replica is found by the
+create's conflict rather than by a lookup before every create. The engine's
+own start (namespaces, mounts, runc) is most of the time a start takes.
 """
 
 from __future__ import annotations
@@ -237,6 +243,8 @@ class DockerDriver:
         self._watch_task: asyncio.Task[None] | None = None
         self._events_resp: aiohttp.ClientResponse | None = None
         self._since: str | None = None
+        self._images: dict[str, str] = {}
+        """Image reference -> image id, for images seen present on the engine."""
 
     # ----- connection ------------------------------------------------------
 
@@ -421,10 +429,17 @@ class DockerDriver:
     # ----- lifecycle -------------------------------------------------------
 
     async def _ensure_image(self, image: str) -> None:
+        """Pull image unless the engine has it; a known image costs no call.
+
+        An image removed from the engine after it was seen shows up as a
+        create that fails with 404, which forgets it and comes back here.
+        """
+        if image in self._images:
+            return
         docker = self._client()
         with _errors(f"image {image}"):
             try:
-                await docker.images.inspect(image)
+                self._images[image] = str((await docker.images.inspect(image)).get("Id", ""))
                 return
             except aiodocker.DockerError as exc:
                 if exc.status != 404:
@@ -432,7 +447,7 @@ class DockerDriver:
         try:
             async with asyncio.timeout(self.pull_timeout):
                 await docker.images.pull(image)
-            await docker.images.inspect(image)
+            self._images[image] = str((await docker.images.inspect(image)).get("Id", ""))
         except (
             aiodocker.DockerError,
             aiohttp.ClientError,
@@ -496,20 +511,47 @@ class DockerDriver:
             config["ExposedPorts"] = {f"{p.target}/{p.protocol}": {} for p in spec.ports}
         return config
 
+    async def _create(self, spec: LaunchSpec, name: str) -> aiodocker.containers.DockerContainer:
+        """Create the replica's container, clearing what stands in the way once.
+
+        409: the name is held, by an exited container of this replica (removed,
+        then created again) or a running one (refused). 404: the image has
+        gone since it was seen (pulled again if it can be).
+        """
+        assert spec.image
+        await self._ensure_image(spec.image)
+        config = self._create_config(spec)
+        docker = self._client()
+        cleared = False
+        while True:
+            try:
+                with _errors(f"create {name}"):
+                    return await docker.containers.create(config, name=name)
+            except DriverError as exc:
+                status = getattr(exc.__cause__, "status", None)
+                if cleared or status not in (404, 409):
+                    raise
+                cleared = True
+                if status == 404:
+                    if self._images.pop(spec.image, None) is None:
+                        raise
+                    await self._ensure_image(spec.image)
+                    continue
+                stale = await self._find(spec.replica_id)
+                if stale is None:
+                    raise  # held by a container that is not this replica's
+                state = (stale.get("State") or {}).get("Status")
+                if _STATES.get(str(state)) == "running":
+                    raise DriverError(
+                        f"replica {spec.replica_id} is already running ({name})"
+                    ) from None
+                await self.remove(spec.replica_id)
+
     async def run(self, spec: LaunchSpec) -> Instance:
         if not spec.image:
             raise DriverError(f"replica {spec.replica_id}: the docker driver needs an image")
         name = container_name(self.owner, spec.replica_id)
-        stale = await self._find(spec.replica_id)
-        if stale is not None:
-            state = (stale.get("State") or {}).get("Status")
-            if _STATES.get(str(state)) == "running":
-                raise DriverError(f"replica {spec.replica_id} is already running ({name})")
-            await self.remove(spec.replica_id)
-        await self._ensure_image(spec.image)
-        docker = self._client()
-        with _errors(f"create {name}"):
-            container = await docker.containers.create(self._create_config(spec), name=name)
+        container = await self._create(spec, name)
         try:
             with _errors(f"start {name}"):
                 await container.start()
@@ -517,6 +559,8 @@ class DockerDriver:
             with contextlib.suppress(DriverError):
                 await self.remove(spec.replica_id)  # leave nothing half-made behind
             raise
+        # One inspect: the state and start time as the engine recorded them
+        # (a replica that exited at once shows so; events report it anyway).
         info = await self._inspect(container.id)
         instance = instance_from_inspect(info) if info is not None else None
         if instance is None:
