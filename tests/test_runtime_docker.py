@@ -141,6 +141,29 @@ async def test_follow_logs_end_when_the_container_stops(h: Harness) -> None:
     assert [line.text for line in tail] == ["b"]
 
 
+async def test_followed_logs_leave_connections_for_calls(h: Harness) -> None:
+    # The event stream and 99 followers: as many connections as one pool holds.
+    spec = h.spec("sh", "-c", "echo up; sleep 30")
+    await h.driver.run(spec)
+    following: set[int] = set()
+
+    async def follow(n: int) -> None:
+        async for _ in h.driver.logs(spec.replica_id, follow=True):
+            following.add(n)
+
+    followers = [asyncio.create_task(follow(n)) for n in range(99)]
+    try:
+        await async_wait_for(lambda: len(following) == 99, timeout=20, message="99 followers")
+        async with asyncio.timeout(20):
+            other = h.spec("sh", "-c", "sleep 30")
+            assert (await h.driver.run(other)).state == "running"
+            assert await h.driver.exec(other.replica_id, ("true",), 5) == (0, "")
+    finally:
+        for task in followers:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+
+
 async def test_exit_codes_come_from_events_one_after_another(h: Harness) -> None:
     first, second = h.spec("sh", "-c", "exit 3"), h.spec("sh", "-c", "exit 4")
     await h.driver.run(first)

@@ -239,6 +239,8 @@ class DockerDriver:
         """Run docker-init as PID 1: signals reach the replica, zombies are reaped."""
         self.pull_timeout = pull_timeout
         self._docker: aiodocker.Docker | None = None
+        self._streams: aiodocker.Docker | None = None
+        """A second connection pool, for the event stream and followed logs."""
         self._listener: Listener | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._events_resp: aiohttp.ClientResponse | None = None
@@ -248,15 +250,27 @@ class DockerDriver:
 
     # ----- connection ------------------------------------------------------
 
-    def _client(self) -> aiodocker.Docker:
-        if self._docker is None:
+    def _client(self, *, streams: bool = False) -> aiodocker.Docker:
+        """The client for calls, or (``streams``) for long-lived streams.
+
+        Each has its own pool of at most 100 connections (aiohttp's default):
+        a stream holds its connection for as long as it is followed, and
+        followed logs sharing the pool with calls could leave no connection
+        for a create or a health check.
+        """
+        docker = self._streams if streams else self._docker
+        if docker is None:
             try:
-                self._docker = aiodocker.Docker(url=self.url, timeout=_CALL_TIMEOUT)
+                docker = aiodocker.Docker(url=self.url, timeout=_CALL_TIMEOUT)
             except (ValueError, OSError, aiodocker.DockerError) as exc:
                 raise DriverUnavailable(
                     f"docker engine at {self.url} is unusable: {_reason(exc)}"
                 ) from exc
-        return self._docker
+            if streams:
+                self._streams = docker
+            else:
+                self._docker = docker
+        return docker
 
     async def ping(self, timeout: float = 5.0) -> None:
         """Raise DriverUnavailable unless the engine answers within timeout."""
@@ -300,10 +314,12 @@ class DockerDriver:
         if self._events_resp is not None:
             self._events_resp.close()
             self._events_resp = None
-        docker, self._docker = self._docker, None
-        if docker is not None:
-            with contextlib.suppress(Exception):
-                await docker.close()
+        clients = (self._docker, self._streams)
+        self._docker = self._streams = None
+        for docker in clients:
+            if docker is not None:
+                with contextlib.suppress(Exception):
+                    await docker.close()
 
     # ----- events ----------------------------------------------------------
 
@@ -316,7 +332,7 @@ class DockerDriver:
         if self._since is not None:
             params["since"] = self._since  # replay what happened while disconnected
         with _errors("docker events"):
-            return await self._client()._do_query(
+            return await self._client(streams=True)._do_query(
                 "events", method="GET", params=params, timeout=_STREAM_TIMEOUT
             )
 
@@ -637,7 +653,7 @@ class DockerDriver:
             "tail": "all" if tail is None else str(max(0, tail)),
         }
         with _errors(f"logs of {replica_id}"):
-            async with self._client()._query(
+            async with self._client(streams=True)._query(
                 f"containers/{info['Id']}/logs", params=params, timeout=_STREAM_TIMEOUT
             ) as resp:
                 last = time.time()
