@@ -102,15 +102,22 @@ class Workloads:
             ports=PortAllocator(bind_check_host=address),
         )
         rpc.register("logs", self._serve_logs)
+        self._unsubscribe: Callable[[], None] | None = None
 
     async def start(self) -> None:
         self.register()
         self.leader.load()
+        # A new service wants a leader now, not at the elector's next tick.
+        self._unsubscribe = self.store.subscribe(
+            lambda e: self.elector.poke() if e.key.startswith(SERVICE_PREFIX) else None
+        )
         await self.controller.start()
         self.elector.start()
         self.leader.start()
 
     async def stop(self, *, stop_replicas: bool) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         await self.leader.stop()
         await self.elector.stop()
         if stop_replicas:

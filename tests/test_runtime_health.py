@@ -87,7 +87,9 @@ def test_recovers_after_unhealthy() -> None:
 
 def test_next_due_follows_interval_from_start_and_each_result() -> None:
     t = HealthTracker(check(interval=5.0), started_at=100.0)
-    assert t.next_due(100.0) == 100.25  # quick checks until the first success
+    assert t.next_due(100.0) == 100.02  # quick checks until the first success
+    t.on_result(False, 100.02)
+    assert t.next_due(100.02) == pytest.approx(100.06)  # gaps double, up to 0.25 s
     assert t.next_due(107.0) == 107.0  # overdue: run now
     t.on_result(True, 106.5)  # a check that took a while
     assert t.next_due(106.5) == 111.5
@@ -116,9 +118,13 @@ def test_virtual_clock_drives_checks() -> None:
         state = t.on_result(ok, now)
         if not seen or seen[-1][1] != state:
             seen.append((now, state))
-    # Up at 0.25 (a quick check finds it); the 1-5 s outage costs only two
+    # Up at 0.02 (a quick check finds it); the 1-5 s outage costs only two
     # failures (checks every 2 s), short of 3 retries; the 20-32 s one counts.
-    assert seen == [(0.25, "healthy"), (24.25, "unhealthy"), (32.25, "healthy")]
+    assert [(round(t, 2), state) for t, state in seen] == [
+        (0.02, "healthy"),
+        (24.02, "unhealthy"),
+        (32.02, "healthy"),
+    ]
 
 
 # -- probes against loopback servers ----------------------------------------------

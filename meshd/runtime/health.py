@@ -45,7 +45,10 @@ _STATUS_LINE_MAX = 8192
 
 
 STARTING_INTERVAL = 0.25
-"""Seconds between checks of a replica that has not passed one yet."""
+"""Most seconds between checks of a replica that has not passed one yet."""
+FIRST_CHECK_DELAY = 0.02
+"""The first check comes this soon after start, and the gaps double up to
+``STARTING_INTERVAL``: a replica that answers at once is ready at once."""
 
 
 class HealthTracker:
@@ -120,7 +123,7 @@ class HealthTracker:
         base = self.started_at if self.last_result_at is None else self.last_result_at
         interval = self.check.interval
         if not self._passed_once:
-            interval = min(interval, STARTING_INTERVAL)
+            interval = min(interval, STARTING_INTERVAL, FIRST_CHECK_DELAY * 2**self.checks)
         return max(now, base + interval)
 
 
