@@ -160,7 +160,9 @@ class Agent:
         except PersistenceError as exc:
             raise StartError(str(exc)) from None
         self._transport = GossipTransport()
-        self.replicator = Replicator(self.store, self.name, _wall_ms, self._transport)
+        self.replicator = Replicator(
+            self.store, self.name, _wall_ms, self._transport, peers=self._live_peers
+        )
         gossip_config = PROFILES[cfg.profile](cluster_name=cfg.cluster)
         self._gossip = Gossip(
             gossip_config,
@@ -303,6 +305,15 @@ class Agent:
             log.info("member %s %s (%s)", m.name, ev.kind.value, format_addr(m.addr))
             if self.workloads is not None:
                 self.workloads.on_members_changed()
+
+    def _live_peers(self) -> list[str]:
+        if self._gossip is None:
+            return []
+        return [
+            m.name
+            for m in self._gossip.core.members()
+            if m.state == State.ALIVE and m.name != self.name
+        ]
 
     def _allocatable(self) -> Resources:
         facts = self.facts

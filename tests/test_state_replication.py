@@ -651,3 +651,26 @@ async def test_three_agents_replicate_over_loopback() -> None:
     finally:
         for g in nodes:
             await g.stop()
+
+
+def test_big_entries_are_pushed_to_each_peer_of_a_small_cluster() -> None:
+    sink = SimTransportStub()
+    rep = Replicator(
+        Store("me"), "me", lambda: EPOCH, sink, peers=lambda: ["a", "b", "c"], push_limit=3
+    )
+    rep.put("assign/web", b"x" * 4000)
+    assert sorted(node for node, _ in sink.reliable) == ["a", "b", "c"]
+    assert rep.stats["entries_pushed"] == 3 and rep.stats["notices_sent"] == 1
+    # The receiver applies the pushed entry as it would a pulled one.
+    other = Replicator(Store("a"), "a", lambda: EPOCH, SimTransportStub())
+    other.notify_user_msg(sink.reliable[0][1])
+    assert other.store.get("assign/web") is not None
+    # Small writes still travel inline; a big cluster relies on notices alone.
+    sink.reliable.clear()
+    rep.put("k", b"small")
+    assert sink.reliable == []
+    big = Replicator(
+        Store("me"), "me", lambda: EPOCH, sink, peers=lambda: list("abcd"), push_limit=3
+    )
+    big.put("assign/web", b"x" * 4000)
+    assert sink.reliable == [] and big.stats["entries_pushed"] == 0

@@ -78,6 +78,9 @@ MAX_BROADCAST = 1024
 CHUNK_BYTES = 2 * 1024 * 1024
 #: Largest message we accept (the gossip library's reliable-message limit).
 MAX_MESSAGE = 8 * 1024 * 1024
+#: Clusters of at most this many other members get big entries pushed to
+#: every member at once (one TCP message each) besides the notice.
+PUSH_LIMIT = 8
 #: Keys per want message; more are asked for in several messages.
 MAX_WANT_KEYS = 1024
 #: How long a want stays outstanding before a new notice may ask again.
@@ -196,8 +199,14 @@ class Replicator:
         *,
         max_broadcast: int = MAX_BROADCAST,
         chunk_bytes: int = CHUNK_BYTES,
+        peers: Callable[[], list[str]] | None = None,
+        push_limit: int = PUSH_LIMIT,
     ) -> None:
         self.store = store
+        self.peers = peers
+        """The other live members by name; with few of them, big entries are
+        pushed to each directly instead of waiting to be pulled."""
+        self.push_limit = push_limit
         self.node = check_node(node)
         self.transport = transport
         self._wall_ms = wall_ms
@@ -209,6 +218,7 @@ class Replicator:
             (
                 "entries_broadcast",
                 "notices_sent",
+                "entries_pushed",
                 "msgs_in",
                 "entries_in",
                 "entries_applied",
@@ -273,6 +283,15 @@ class Replicator:
         if len(payload) > self.max_broadcast:
             payload = _pack([VERSION, _NOTICE, self.node, entry.key, entry.ts.pack()])
             self.stats["notices_sent"] += 1
+            peers = self.peers() if self.peers is not None else []
+            if 0 < len(peers) <= self.push_limit:
+                # A notice costs each receiver a gossip round and a request
+                # back; in a small cluster one message to each is cheaper and
+                # a round trip faster. The notice still goes out for anyone
+                # the push misses.
+                for node in peers:
+                    self.stats["entries_pushed"] += 1
+                    self._send_entries(node, [entry])
         else:
             self.stats["entries_broadcast"] += 1
         self._broadcast(payload, _BROADCAST_KEY_PREFIX + entry.key)
