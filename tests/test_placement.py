@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +19,7 @@ from meshd.scheduler import (
     NodeInfo,
     ReplicaRequest,
     Resources,
+    placement,
     plan,
 )
 
@@ -312,6 +315,194 @@ def test_never_overcommits_and_honours_constraints(nodes, groups, strategy) -> N
         assert used.fits(by_name[name].allocatable), name
     for pend in result.pending:
         assert pend.reason.startswith("no node fits:")
+
+
+def _h64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def reference_plan(
+    requests: list[ReplicaRequest],
+    nodes: list[NodeInfo],
+    existing: dict[str, Counter[str]],
+    strategy: str,
+    seed: int,
+) -> tuple[list[tuple[str, int, str]], list[tuple[str, int]]]:
+    """The documented ranking, the slow way: every node checked for every replica."""
+
+    def milli(r: Resources) -> list[int]:
+        return [round(r.cpu * 1000), r.memory_mb, r.disk_mb, r.gpus]
+
+    alloc = {n.name: milli(n.allocatable) for n in nodes}
+    used = {n.name: milli(n.used) for n in nodes}
+    ports = {n.name: set(n.ports_used) for n in nodes}
+    counts: dict[str, Counter[str]] = {s: Counter(c) for s, c in existing.items()}
+    placed: list[tuple[str, int, str]] = []
+    pending: list[tuple[str, int]] = []
+
+    def util(name: str) -> float:
+        total, dims = 0.0, 0
+        for d in (0, 1):
+            if alloc[name][d] > 0:
+                total += used[name][d] / alloc[name][d]
+                dims += 1
+        return total / dims if dims else 0.0
+
+    for r in requests:
+        need = milli(r.resources)
+        label = None if strategy == "binpack" or r.spread_key in (None, "node") else r.spread_key
+        mine = counts.setdefault(r.service, Counter())
+        zones: Counter[str | None] = Counter()
+        if label is not None:
+            for n in nodes:
+                zones[n.labels.get(label)] += mine[n.name]
+        best = None
+        for i, n in enumerate(nodes):
+            if not n.ready or not all(c.matches(n) for c in r.constraints):
+                continue
+            if any(used[n.name][d] + need[d] > alloc[n.name][d] for d in range(4)):
+                continue
+            if ports[n.name] & set(r.ports):
+                continue
+            tie = _h64(f"{seed}\0{r.service}") ^ _h64(f"{seed}\0{n.name}")
+            fails = max(0, n.recent_failures)
+            if strategy == "binpack":
+                key = (fails, -util(n.name), mine[n.name], tie, i)
+            else:
+                group = zones[n.labels.get(label)] if label is not None else 0
+                key = (group, mine[n.name], fails, util(n.name), tie, i)
+            if best is None or key < best[0]:
+                best = (key, n.name)
+        if best is None:
+            pending.append((r.service, r.index))
+            continue
+        name = best[1]
+        used[name] = [used[name][d] + need[d] for d in range(4)]
+        ports[name] |= set(r.ports)
+        mine[name] += 1
+        placed.append((r.service, r.index, name))
+    return placed, pending
+
+
+existing_st = st.dictionaries(
+    st.sampled_from(["web", "api"]),
+    st.dictionaries(st.sampled_from([f"n{i}" for i in range(12)]), st.integers(-2, 3)).map(Counter),
+    max_size=2,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(node_st, max_size=10, unique_by=lambda n: n.name),
+    st.lists(request_st, max_size=6),
+    st.sampled_from(["spread", "binpack"]),
+    existing_st,
+    st.randoms(use_true_random=False),
+    st.sampled_from([0, 1, 3, None]),
+)
+def test_plan_matches_the_exhaustive_reference(
+    nodes, groups, strategy, existing, rnd, resort
+) -> None:
+    # Interleaving keeps many classes alive at once; a tiny re-sort threshold
+    # makes the shared spread order re-sort (and go stale) within the plan.
+    requests = [
+        ReplicaRequest(r.service, k, r.resources, r.constraints, r.spread_key, r.ports)
+        for k, r in enumerate(r for g in groups for r in g)
+    ]
+    rnd.shuffle(requests)
+    tight = (placement.RESORT_MIN, placement.RESORT_DIV) if resort is None else (resort, 10**9)
+    with mock.patch.multiple(placement, RESORT_MIN=tight[0], RESORT_DIV=tight[1]):
+        result = plan(requests, nodes, existing=existing, strategy=strategy, seed=3)
+    placed, pending = reference_plan(requests, nodes, existing, strategy, seed=3)
+    assert [(p.service, p.index, p.node) for p in result.placements] == placed
+    assert [(p.service, p.index) for p in result.pending] == pending
+
+
+def test_spread_order_resorts_and_stays_exact() -> None:
+    # Many services over many equal nodes: the shared order re-sorts several
+    # times and later classes start from a stale one.
+    nodes = [node(f"n{i:02d}", cpu=64, mem=65536, zone="abc"[i % 3]) for i in range(40)]
+    requests: list[ReplicaRequest] = []
+    for s in range(30):
+        requests += reqs(f"s{s}", 7, Resources(0.25 * (1 + s % 3), 128), spread=None)
+        requests += reqs(f"z{s}", 5, Resources(0.5, 64 * (1 + s % 2)), spread="zone")
+    with mock.patch.multiple(placement, RESORT_MIN=8, RESORT_DIV=10**9):
+        result = plan(requests, nodes, seed=5)
+    placed, pending = reference_plan(requests, nodes, {}, "spread", seed=5)
+    assert [(p.service, p.index, p.node) for p in result.placements] == placed
+    assert not pending and not result.pending
+
+
+def test_bigger_demand_after_exhaustion_is_pending_with_a_fresh_reason() -> None:
+    nodes = [node("a"), node("b"), node("c", gpus=1)]
+    one_gpu = Resources(0.5, 256, gpus=1)
+    bigger = Resources(1, 512, gpus=1)
+    head = reqs("train", 2, one_gpu) + reqs("web", 2, Resources(2, 1024))
+    result = plan([*head, *reqs("infer", 1, bigger)], nodes)
+    assert [p.service for p in result.pending] == ["train", "infer"]
+    # The same reason as when "infer" is found to fit nowhere the long way.
+    alone = plan([head[0], *head[2:], *reqs("infer", 1, bigger)], nodes)
+    assert result.pending[1].reason == alone.pending[0].reason
+    assert "3 nodes lack gpus (need 1 GPUs, most free 0 GPUs)" in alone.pending[0].reason
+
+
+def test_exhaustion_only_rules_out_demands_that_are_no_smaller() -> None:
+    nodes = [node("a", ports=frozenset({80})), node("b", ports=frozenset({80}), zone="x")]
+    requests = (
+        reqs("big", 1, Resources(3, 256), ports=(80,))  # no port 80 anywhere: exhausted
+        + reqs("tls", 1, Resources(1, 256), ports=(443,))  # other port: fits
+        + reqs("both", 1, Resources(3, 256), ports=(80, 443))  # superset: exhausted
+        + reqs("cpu", 1, Resources(1, 256))  # smaller demand, no ports: fits
+        + reqs("zoned", 1, Resources(3, 256), [Constraint("label.zone", "==", "x")], ports=(8,))
+    )
+    result = plan(requests, nodes)
+    assert [p.service for p in result.placements] == ["tls", "cpu", "zoned"]
+    assert [p.service for p in result.pending] == ["big", "both"]
+    assert "2 nodes have host port 80, 443 in use" in result.pending[1].reason
+
+
+def test_negative_existing_counts_still_rank_first() -> None:
+    # Below zero is odd input, but ranked as given: such nodes come first.
+    nodes = [node(f"n{i}", zone="ab"[i % 2]) for i in range(6)]
+    existing = {"web": Counter({"n4": -1, "n3": -2})}
+    result = plan(reqs("web", 3), nodes, existing=existing)
+    assert [p.node for p in result.placements] == ["n3", "n4", "n3"]
+    zoned = plan(reqs("web", 2, spread="zone"), nodes, existing=existing)
+    assert [p.node for p in zoned.placements] == ["n3", "n4"]
+
+
+def test_classes_key_by_value_not_identity() -> None:
+    nodes = [node(f"n{i}") for i in range(6)]
+    con = [Constraint("label.zone", "!=", "q")]
+    shared = [ReplicaRequest("web", i, SMALL, con) for i in range(4)]
+    copies = [
+        ReplicaRequest("web", i, Resources(0.5, 256), [Constraint("label.zone", "!=", "q")])
+        for i in range(4)
+    ]
+    # The same objects under another service are another class.
+    other = [ReplicaRequest("api", i, SMALL, con) for i in range(4)]
+    assert plan(shared + other, nodes).placements == plan(copies + other, nodes).placements
+    assert len(where(plan(shared, nodes))) == 4
+
+
+def test_pending_reason_charges_each_node_once_in_filter_order() -> None:
+    nodes = [
+        node("down", ready=False),
+        node("x1", zone="x"),
+        node("tiny", cpu=0.25, mem=64),  # lacks cpu and memory: counted in both
+        node("full", ports=frozenset({80}), used=Resources(3.9, 0)),  # lacks cpu only
+        node("busy", ports=frozenset({80})),
+        node("busy2", ports=frozenset({80}), mem=128),  # short of memory: not a port case
+    ]
+    cons = [Constraint("label.zone", "!=", "x"), Constraint("node.name", "!=", "x1")]
+    result = plan(reqs("web", 1, Resources(0.5, 256), cons, ports=(80,)), nodes)
+    assert result.pending[0].reason == (
+        "no node fits: 1 node not ready, "
+        "2 nodes lack cpu (need 0.5 cores, most free 0.25 cores), "
+        "2 nodes lack memory (need 256 MiB, most free 128 MiB), "
+        "1 node have host port 80 in use, "
+        "1 excluded by constraint label.zone != x"
+    )
 
 
 def test_benchmark_script_prints_json() -> None:
