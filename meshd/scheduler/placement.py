@@ -379,7 +379,7 @@ class _Class:
         self.live: dict[int, tuple] = {}  # node -> its current heap entry
         self.log_pos = len(cluster.log)
         self.binpack = order is None
-        self.bound = None if order is None else order.bound
+        self.bound: list[tuple] = [] if order is None else order.bound
         if order is None:
             # Binpack keys improve as nodes fill, so no earlier order bounds them:
             # rank every feasible node up front (and re-key changed ones in _refresh).
@@ -439,7 +439,7 @@ class _Class:
                     ):
                         k = live[i] = (counts[i], fail[i], utils[i], sh ^ nh[i], i)
                         heapq.heappush(heap, k)
-                    # Else it can never fit this class: usage only grows within a plan.
+                    # Else it cannot take this class, now or later in this plan.
                     continue
             if not heap:
                 grp.pos = pos
