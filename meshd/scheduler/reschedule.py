@@ -603,8 +603,17 @@ class _Decision:
             return
         if self.now < u.batch_started_ms + round(self.spec.update.delay * 1000):
             return
-        # Replicas that serve nothing go first, then by slot.
-        old.sort(key=lambda r: (self.settled(self.status_of(r)), r.slot))
+        # Replicas of a version that is neither the last good one nor the
+        # target (left by an update that a newer spec interrupted) go first,
+        # so an update that fails never leaves a third version running; then
+        # replicas that serve nothing; then by slot.
+        old.sort(
+            key=lambda r: (
+                r.version == u.from_version,
+                self.settled(self.status_of(r)),
+                r.slot,
+            )
+        )
         batch: dict[str, int] = {}
         waiting = ""
         for r in old[: self.spec.update.parallelism]:
