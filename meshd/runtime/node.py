@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -402,7 +403,7 @@ class NodeController:
                     continue
                 if rep.backoff.restart_at is not None and now < rep.backoff.restart_at:
                     continue
-                self._op(rep, self._start(rep))
+                self._op(rep, functools.partial(self._start, rep))
             elif inst.state == "exited":
                 self._on_exited(rep, inst, now)
             elif inst.state == "running":
@@ -413,7 +414,7 @@ class NodeController:
                 if rep.health is not None and rep.health.needs_restart:
                     self.stats["health_restarts"] += 1
                     rep.reason = f"unhealthy: {rep.health.last_message}"
-                    self._op(rep, self._restart_unhealthy(rep))
+                    self._op(rep, functools.partial(self._restart_unhealthy, rep))
         for rid, inst in list(self._orphans.items()):
             del self._orphans[rid]
             self._spawn(self._remove(rid, inst))
@@ -483,7 +484,7 @@ class NodeController:
             rep.retire(old)
             # As an op (busy): the removal is by replica id, so a restart must
             # not run before it is done, or it would remove the new instance.
-            self._op(rep, self._forget(old))
+            self._op(rep, functools.partial(self._forget, old))
         self._wake.set()
 
     def _release(self, rep: _Replica) -> None:
@@ -493,12 +494,14 @@ class NodeController:
 
     # ------------------------------------------------------------ driver calls
 
-    def _op(self, rep: _Replica, coro: Any) -> None:
+    def _op(self, rep: _Replica, make: Callable[[], Any]) -> None:
+        """Run one driver call for rep; ``make`` builds the coroutine inside the
+        task, so a task cancelled before it ran leaves no coroutine unawaited."""
         rep.busy = True
 
         async def run() -> None:
             try:
-                await coro
+                await make()
             finally:
                 rep.busy = False
                 self._wake.set()
