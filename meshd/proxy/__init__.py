@@ -1,0 +1,1 @@
+"""Service proxy: picks which replica serves each connection or request."""
