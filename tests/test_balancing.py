@@ -42,7 +42,14 @@ def picks(p: Policy, n: int, ctx: PickContext = CTX) -> list[str]:
 
 def test_factory_lists_valid_names_on_unknown() -> None:
     assert set(POLICIES) == {
-        "round_robin", "least_conn", "random", "p2c", "ewma", "hash", "weighted", "local_first",
+        "round_robin",
+        "least_conn",
+        "random",
+        "p2c",
+        "ewma",
+        "hash",
+        "weighted",
+        "local_first",
     }
     with pytest.raises(ValueError, match=r"round_robin.*local_first"):
         make_policy("fastest", random.Random(0))
@@ -294,8 +301,15 @@ def test_pick_always_returns_a_current_member(name: str, seed: int, ops: list) -
             p.update(current)
         elif op == "pick":
             rtt = {"n1": 0.002, "n2": None}.get
-            e = p.pick(PickContext(client=f"c{arg}", hash_key=None if arg % 2 else f"k{arg}",
-                                   local_node=f"n{arg % 4}", rtt=rtt, now=now))
+            e = p.pick(
+                PickContext(
+                    client=f"c{arg}",
+                    hash_key=None if arg % 2 else f"k{arg}",
+                    local_node=f"n{arg % 4}",
+                    rtt=rtt,
+                    now=now,
+                )
+            )
             if current:
                 assert e in current
             else:

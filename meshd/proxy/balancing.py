@@ -62,10 +62,16 @@ class Endpoint:
     def __post_init__(self) -> None:
         if not self.id:
             raise ValueError("endpoint id must not be empty")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
+        if (
+            isinstance(self.port, bool)
+            or not isinstance(self.port, int)
+            or not 0 < self.port < 65536
+        ):
             raise ValueError(f"endpoint {self.id}: port must be 1..65535, got {self.port!r}")
         if isinstance(self.weight, bool) or not isinstance(self.weight, int) or self.weight < 1:
-            raise ValueError(f"endpoint {self.id}: weight must be an integer >= 1, got {self.weight!r}")
+            raise ValueError(
+                f"endpoint {self.id}: weight must be an integer >= 1, got {self.weight!r}"
+            )
 
 
 def _no_rtt(node: str) -> float | None:
@@ -338,7 +344,16 @@ class LocalFirst(_Base):
 
 _CLASSES: dict[str, type[_Base]] = {
     cls.name: cls
-    for cls in (RoundRobin, LeastConn, Random, P2C, PeakEwma, ConsistentHash, SmoothWeighted, LocalFirst)
+    for cls in (
+        RoundRobin,
+        LeastConn,
+        Random,
+        P2C,
+        PeakEwma,
+        ConsistentHash,
+        SmoothWeighted,
+        LocalFirst,
+    )
 }
 
 POLICIES: tuple[str, ...] = tuple(_CLASSES)
