@@ -647,7 +647,9 @@ async def test_three_agents_replicate_over_loopback() -> None:
             10,
             message="both writes everywhere",
         )
-        assert reps[1].stats["notices_sent"] == 1 and reps[1].stats["wants_in"] == 2
+        # Each other node pulls the big entry at most once (a push-pull's
+        # anti-entropy may bring it first, and then it never asks).
+        assert reps[1].stats["notices_sent"] == 1 and reps[1].stats["wants_in"] <= 2
     finally:
         for g in nodes:
             await g.stop()
