@@ -171,7 +171,10 @@ def test_minority_side_never_takes_a_lease(mesh: LabCluster) -> None:
     assert_no_overlapping_leases(mesh)
     # The minority was declared dead meanwhile and its replicas re-placed: back
     # in the cluster, each host runs exactly what is assigned to it now.
-    until(lambda: runs_only_assigned(mesh), 30, "every host runs only its assigned replicas")
+    # Assignments written during the partition reach the healed side by rumour
+    # or, when the rumours are spent, by push-pull anti-entropy (every 30 s
+    # per node under the LAN profile): allow two rounds of it.
+    until(lambda: runs_only_assigned(mesh), 75, "every host runs only its assigned replicas")
 
 
 def runs_only_assigned(cluster: LabCluster) -> bool:
