@@ -81,6 +81,19 @@ _STATES: dict[str, InstanceState] = {
 }
 
 
+_CLIENT_ERRORS = (
+    aiodocker.DockerError,
+    aiohttp.ClientError,
+    OSError,
+    TimeoutError,
+    ValueError,
+    KeyError,
+    TypeError,
+)
+"""What the client library and the engine's answers can raise: each becomes
+a one-line DriverError (or DriverUnavailable)."""
+
+
 def container_name(owner: str, replica_id: str) -> str:
     """``meshd-<owner>-<replica>``, with anything docker refuses in a name replaced."""
     return _NAME_BAD.sub("_", f"meshd-{owner}-{replica_id}")
@@ -112,15 +125,7 @@ def _errors(what: str) -> Iterator[None]:
         yield
     except DriverError:
         raise
-    except (
-        aiodocker.DockerError,
-        aiohttp.ClientError,
-        OSError,
-        TimeoutError,
-        ValueError,
-        KeyError,
-        TypeError,
-    ) as exc:
+    except _CLIENT_ERRORS as exc:
         kind = DriverUnavailable if _unreachable(exc) else DriverError
         raise kind(f"{what}: {_reason(exc)}") from exc
 
@@ -278,15 +283,7 @@ class DockerDriver:
         try:
             async with asyncio.timeout(timeout):
                 await docker.version()
-        except (
-            aiodocker.DockerError,
-            aiohttp.ClientError,
-            OSError,
-            TimeoutError,
-            ValueError,
-            KeyError,
-            TypeError,
-        ) as exc:
+        except _CLIENT_ERRORS as exc:
             raise DriverUnavailable(
                 f"docker engine at {self.url} is not answering: {_reason(exc)}"
             ) from exc
@@ -464,15 +461,7 @@ class DockerDriver:
             async with asyncio.timeout(self.pull_timeout):
                 await docker.images.pull(image)
             self._images[image] = str((await docker.images.inspect(image)).get("Id", ""))
-        except (
-            aiodocker.DockerError,
-            aiohttp.ClientError,
-            OSError,
-            TimeoutError,
-            ValueError,
-            KeyError,
-            TypeError,
-        ) as exc:
+        except _CLIENT_ERRORS as exc:
             raise DriverError(
                 f"image {image} not found locally and could not be pulled: {_reason(exc)}"
             ) from exc
