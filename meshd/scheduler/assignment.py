@@ -74,11 +74,11 @@ def status_key(node: str, service: str) -> str:
 def spec_version(spec: ServiceSpec) -> str:
     """What a replica runs, as a short hash: changes roll out, scaling does not.
 
-    ``replicas`` and the ``update`` policy are left out: changing them never
-    replaces a running replica.
+    ``replicas``, the ``update`` policy and ``balance`` are left out: changing
+    them never replaces a running replica.
     """
     data = spec.to_dict()
-    for key in ("replicas", "update"):
+    for key in ("replicas", "update", "balance"):
         data.pop(key, None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.blake2b(blob, digest_size=6).hexdigest()

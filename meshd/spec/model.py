@@ -32,6 +32,19 @@ _CONSTRAINT_VALUE = re.compile(r"[A-Za-z0-9_.:/-]+")
 PROTOCOLS = ("tcp", "http")
 RESTARTS = ("always", "on-failure", "never")
 KINDS = ("service", "job")
+BALANCE_POLICIES = (
+    "round_robin",
+    "least_conn",
+    "random",
+    "p2c",
+    "ewma",
+    "hash",
+    "weighted",
+    "local_first",
+)
+"""Kept equal to ``meshd.proxy.balancing.POLICIES`` (a test checks): the spec
+layer imports nothing from the features."""
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
 
 # -- small typed readers -------------------------------------------------------
@@ -410,6 +423,41 @@ class Update:
         )
 
 
+@dataclass(frozen=True)
+class Balance:
+    """How the mesh proxies spread a service's traffic over its replicas.
+
+    ``hash_on`` matters for ``hash`` only: ``client`` (the client address),
+    ``header:<name>`` or ``cookie:<name>`` (affinity by a session value).
+    """
+
+    policy: str = "round_robin"
+    hash_on: str = "client"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "hash_on": self.hash_on}
+
+    @classmethod
+    def from_dict(cls, data: object, path: str) -> Balance:
+        if isinstance(data, str):
+            data = {"policy": data}
+        data = _mapping(data, path)
+        _known(data, path, ("policy", "hash_on"))
+        policy = _choice(data.get("policy", "round_robin"), join(path, "policy"), BALANCE_POLICIES)
+        hash_on = _str(data.get("hash_on", "client"), join(path, "hash_on"))
+        kind, _, name = hash_on.partition(":")
+        if hash_on != "client" and (
+            kind not in ("header", "cookie") or not _HEADER_NAME.fullmatch(name)
+        ):
+            raise SpecError(
+                join(path, "hash_on"),
+                f"must be client, header:<name> or cookie:<name>, got {show(hash_on)}",
+            )
+        if hash_on != "client" and policy != "hash":
+            raise SpecError(join(path, "hash_on"), "only the hash policy takes hash_on")
+        return cls(policy=policy, hash_on=hash_on)
+
+
 # -- the spec -------------------------------------------------------------------
 
 FIELDS = (
@@ -431,6 +479,7 @@ FIELDS = (
     "parallelism",
     "completions",
     "labels",
+    "balance",
 )
 
 
@@ -460,6 +509,7 @@ class ServiceSpec:
     parallelism: int = 1
     completions: int = 1
     labels: dict[str, str] = field(default_factory=dict)
+    balance: Balance = Balance()
     warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
@@ -490,6 +540,7 @@ class ServiceSpec:
             "parallelism": self.parallelism,
             "completions": self.completions,
             "labels": dict(self.labels),
+            "balance": self.balance.to_dict(),
         }
 
     @classmethod
@@ -592,4 +643,5 @@ class ServiceSpec:
             parallelism=parallelism,
             completions=completions,
             labels=_labels(data.get("labels", {}), at("labels")),
+            balance=Balance.from_dict(data.get("balance", {}), at("balance")),
         )
