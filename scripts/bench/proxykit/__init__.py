@@ -1,0 +1,1 @@
+"""Parts of scripts/bench/proxy.py: processes, wrk, the peers' configs and the agent."""

@@ -1,0 +1,150 @@
+"""The processes a benchmark starts, each in its own session so it can be ended whole.
+
+Everything started here is remembered until it has been reaped, and
+``Procs.close`` ends whatever is left (SIGTERM to the process group, SIGKILL
+after a grace period): the harness leaves nothing running, whether it
+finishes, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["BenchError", "Procs", "accepts", "cpus_of", "free_port", "wait_until"]
+
+GRACE_S = 5.0
+"""How long a SIGTERMed process group gets before SIGKILL."""
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be made; the message says why."""
+
+
+def wait_until(pred: Callable[[], object], timeout: float, what: str, step: float = 0.02) -> None:
+    """Poll ``pred`` until it is true; a missed deadline is an error naming ``what``."""
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise BenchError(f"{what}: not within {timeout:g}s")
+        time.sleep(step)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def cpus_of(pid: int) -> set[str]:
+    """The CPU lists every thread of ``pid`` may run on (to check a pinning)."""
+    lists = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("Cpus_allowed_list:"):
+                    lists.add(line.split(":", 1)[1].strip())
+    return lists
+
+
+class Procs:
+    """Started processes by name, with their logs in ``logs``."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        cpus: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` (pinned to ``cpus`` when given), output to logs/<name>.log."""
+        if name in self.running and self.running[name].poll() is None:
+            raise BenchError(f"{name} is already running")
+        full = ["taskset", "-c", cpus, *argv] if cpus else list(argv)
+        with open(self.logs / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                full,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+            )
+        self.running[name] = proc
+        return proc
+
+    def check(self, name: str) -> None:
+        """Fail with the tail of its log if ``name`` has exited."""
+        proc = self.running[name]
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited with code {proc.returncode}: {self.tail(name)}")
+
+    def tail(self, name: str, chars: int = 600) -> str:
+        try:
+            text = (self.logs / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return text[-chars:].strip() or "(empty log)"
+
+    def run(
+        self, name: str, argv: Sequence[str], *, cpus: str | None = None, timeout: float
+    ) -> str:
+        """Run to completion and return its output; killed (an error) after ``timeout``."""
+        self.logs.joinpath(f"{name}.log").unlink(missing_ok=True)
+        proc = self.start(name, argv, cpus=cpus)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(name)
+            raise BenchError(f"{name} still running after {timeout:g}s; killed") from None
+        self.stop(name)  # it has exited: this only forgets it
+        out = (self.logs / f"{name}.log").read_text(errors="replace")
+        if proc.returncode != 0:
+            raise BenchError(f"{name} failed with code {proc.returncode}: {out[-600:].strip()}")
+        return out
+
+    def stop(self, name: str, grace: float = GRACE_S) -> None:
+        """SIGTERM the process group, SIGKILL it after ``grace``; forget it."""
+        proc = self.running.pop(name, None)
+        if proc is None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=grace)
+        # Children that outlived their leader (nginx workers) share its group.
+        _signal_group(proc.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """End everything still known, most recent first."""
+        for name in reversed(list(self.running)):
+            with contextlib.suppress(Exception):
+                self.stop(name)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
