@@ -72,6 +72,25 @@ DEFAULT_PROFILE = "lan"
 DRIVERS = ("auto", "docker", "process")
 """Runtime drivers; auto picks docker when the engine answers."""
 
+DEFAULT_DNS = ("127.0.0.1", 8600)
+"""Consul's DNS port on loopback: no root needed, no clash with a host resolver on 53.
+Containers get a second listener on port 53 of the address they reach the host by,
+because a container's resolv.conf cannot name a port."""
+
+PROXY_CONNECT_TIMEOUT = 1.0
+"""A replica on the LAN accepts in well under a millisecond; after a second it is
+more likely dead than slow, and the proxy tries another one."""
+
+PROXY_RESPONSE_TIMEOUT = 60.0
+"""Time for a replica to start answering an HTTP request: nginx's proxy_read_timeout."""
+
+PROXY_CLIENT_IDLE = 75.0
+"""An idle keep-alive client connection is closed after this (nginx's keepalive_timeout)."""
+
+PROXY_POOL_IDLE = 30.0
+"""Idle pooled connections to replicas are closed after this: shorter than most servers'
+own keep-alive timeouts, so the proxy rarely reuses one the replica is closing."""
+
 MAX_LABELS = 64
 """More would never fit in the 512 bytes of gossip metadata anyway."""
 
@@ -166,6 +185,16 @@ class AgentConfig:
 
     config_file: Path | None = None
     """The TOML file the settings were read from, if any (for the start-up log)."""
+
+    proxy_addresses: tuple[str, ...] | None = None
+    """Where the routing mesh serves service ports. None: the advertise address,
+    loopback, and the address containers reach the host by (the docker bridge)."""
+
+    dns: Addr | None = DEFAULT_DNS
+    """The DNS server for the ``mesh`` domain (None: no DNS server)."""
+
+    dns_upstreams: tuple[Addr, ...] | None = None
+    """Where other names are forwarded; None: the host's resolv.conf."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -392,6 +421,9 @@ _SETTINGS = [
     _Setting("disks", "--disk", "list"),
     _Setting("log_format", "--log-format", "str"),
     _Setting("log_level", "--log-level", "str"),
+    _Setting("proxy_addresses", "--proxy-address", "list"),
+    _Setting("dns", "--dns", "str"),
+    _Setting("dns_upstreams", "--dns-upstream", "list"),
 ]
 _BY_NAME = {s.name: s for s in _SETTINGS}
 
@@ -497,6 +529,29 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         metavar="URL",
         help="the Docker engine's API (default: DOCKER_HOST or unix:///var/run/docker.sock) "
         f"{env('docker_url')}",
+    )
+
+    mesh = parser.add_argument_group("routing mesh and DNS")
+    mesh.add_argument(
+        "--proxy-address",
+        action="append",
+        metavar="ADDR",
+        help="an address where every service port is served; repeatable (default: the "
+        "advertise address, 127.0.0.1 and the docker bridge address) "
+        f"[{ENV_PREFIX}PROXY_ADDRESSES=a,b]",
+    )
+    mesh.add_argument(
+        "--dns",
+        metavar="ADDR:PORT|off",
+        help=f"where the DNS server for the mesh domain listens (default: "
+        f"{DEFAULT_DNS[0]}:{DEFAULT_DNS[1]}) {env('dns')}",
+    )
+    mesh.add_argument(
+        "--dns-upstream",
+        action="append",
+        metavar="ADDR[:PORT]",
+        help="a resolver for names outside the mesh domain; repeatable (default: the "
+        f"nameservers of /etc/resolv.conf) [{ENV_PREFIX}DNS_UPSTREAMS=a,b]",
     )
 
     api = parser.add_argument_group("HTTP API")
@@ -993,6 +1048,34 @@ def config_from_args(
     driver = _choice(raw, DRIVERS) if (raw := pick("driver")) else "auto"
     docker_url = _text(raw) if (raw := pick("docker_url")) else None
 
+    # routing mesh and DNS
+    proxy_addresses: tuple[str, ...] | None = None
+    if raw := pick("proxy_addresses"):
+        found: list[str] = []
+        for item in raw.value:
+            ip = _check(_Raw(item, raw.where), parse_ip)
+            if _is_wildcard(ip):
+                raw.fail(f"{ip} means every interface: name each address")
+            if ip not in found:
+                found.append(ip)
+        proxy_addresses = tuple(found)
+    dns: Addr | None = DEFAULT_DNS
+    if raw := pick("dns"):
+        if str(raw.value).strip().lower() == "off":
+            dns = None
+        else:
+            dns = _check(raw, parse_host_port, 53, zero_port=True)
+            if _is_wildcard(dns[0]):
+                raw.fail(f"{dns[0]} means every interface: name one address")
+    dns_upstreams: tuple[Addr, ...] | None = None
+    if raw := pick("dns_upstreams"):
+        ups: list[Addr] = []
+        for item in raw.value:
+            addr = _check(_Raw(item, raw.where), parse_host_port, 53, zero_port=False)
+            if addr not in ups:
+                ups.append(addr)
+        dns_upstreams = tuple(ups)
+
     return AgentConfig(
         node=node,
         bind=bind,
@@ -1013,6 +1096,9 @@ def config_from_args(
         api_token=api_token,
         disks=tuple(disks),
         config_file=layer.path if layer else None,
+        proxy_addresses=proxy_addresses,
+        dns=dns,
+        dns_upstreams=dns_upstreams,
     )
 
 

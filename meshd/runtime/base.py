@@ -157,6 +157,12 @@ class Driver(Protocol):
         """Forget a stopped replica (container, state dir); no error if gone."""
         ...
 
+    async def host_address(self) -> str | None:
+        """The address replicas reach this host by (the docker bridge's gateway), where
+        the routing mesh and DNS also listen for them; None when replicas share the
+        host's network and reach it on loopback (processes)."""
+        ...
+
     async def exec(self, replica_id: str, argv: tuple[str, ...], timeout: float) -> tuple[int, str]:
         """Run argv inside (docker) or beside (process) the replica, for exec
         health checks: (exit code, first 4 KiB of output). Timeout raises

@@ -400,6 +400,21 @@ class DockerDriver:
         labels = ((info or {}).get("Config") or {}).get("Labels") or {}
         return labels.get(LABEL_CLUSTER) == self.cluster and labels.get(LABEL_NODE) == self.owner
 
+    async def host_address(self) -> str | None:
+        """The default bridge's gateway: the host as containers on it see it."""
+        with _errors("inspect the bridge network"):
+            try:
+                info = await self._client()._query_json("networks/bridge")
+            except aiodocker.DockerError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+        for cfg in ((info or {}).get("IPAM") or {}).get("Config") or []:
+            gateway = (cfg or {}).get("Gateway")
+            if isinstance(gateway, str) and gateway and ":" not in gateway:
+                return gateway
+        return None
+
     async def _inspect(self, ref: str) -> dict[str, Any] | None:
         """``docker inspect``; None when there is no such container."""
         with _errors(f"inspect {ref}"):

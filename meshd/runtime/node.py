@@ -140,6 +140,7 @@ class NodeController:
         ports: PortAllocator,
         dns: tuple[str, ...] = (),
         dns_search: tuple[str, ...] = (),
+        service_env: Callable[[], dict[str, str]] = dict,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -153,6 +154,8 @@ class NodeController:
         self.ports = ports
         self.dns = dns
         self.dns_search = dns_search
+        self.service_env = service_env
+        """``WEB_SERVICE_HOST``-style variables of every service, for new replicas."""
         self._wall_ms = wall_ms
         self._clock = clock
         self._replicas: dict[str, _Replica] = {}
@@ -515,7 +518,8 @@ class NodeController:
 
     def _launch_spec(self, rep: _Replica) -> LaunchSpec:
         spec, a = rep.spec, rep.assigned
-        env = dict(spec.env)
+        env = self.service_env()
+        env.update(spec.env)
         env.update(
             MESHD_SERVICE=spec.name,
             MESHD_REPLICA=a.id,

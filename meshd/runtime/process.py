@@ -624,6 +624,9 @@ class ProcessDriver:
                     log.warning("replica %s: cgroup %s not removed", rid, leaf)
         shutil.rmtree(d, ignore_errors=True)
 
+    async def host_address(self) -> str | None:
+        return None  # processes share the host's network: loopback reaches the mesh
+
     # -- exec and logs --
 
     async def exec(self, replica_id: str, argv: tuple[str, ...], timeout: float) -> tuple[int, str]:
