@@ -32,6 +32,7 @@ from .scheduler.placement import Resources
 from .spec import ServiceSpec
 from .state.replication import GossipTransport, Replicator
 from .state.store import Entry, PersistenceError, Store
+from .traffic import Traffic, TrafficStartError
 from .workloads import Workloads
 
 log = logging.getLogger("meshd.agent")
@@ -80,6 +81,7 @@ class Agent:
         self.rpc = Rpc(config.node)
         self.driver: Driver | None = None
         self.workloads: Workloads | None = None
+        self.traffic: Traffic | None = None
         self._api_runner: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
@@ -130,6 +132,9 @@ class Agent:
 
     async def _abort_start(self) -> None:
         """Undo a start that failed half way: nothing may be left open."""
+        if self.traffic is not None:
+            with contextlib.suppress(Exception):
+                await self.traffic.stop()
         if self.workloads is not None:
             with contextlib.suppress(Exception):
                 await self.workloads.stop(stop_replicas=False)
@@ -190,6 +195,22 @@ class Agent:
             address=self.gossip.core.addr[0],
             allocatable=self._allocatable,
         )
+        # Traffic first: replicas started from here on get the mesh DNS and env.
+        self.traffic = Traffic(
+            node=self.name,
+            gossip=self._gossip,
+            store=self.store,
+            driver=self.driver,
+            controller=self.workloads.controller,
+            advertise=self.gossip.core.addr[0],
+            proxy_addresses=cfg.proxy_addresses,
+            dns=cfg.dns,
+            dns_upstreams=cfg.dns_upstreams,
+        )
+        try:
+            await self.traffic.start()
+        except TrafficStartError as exc:
+            raise StartError(str(exc)) from None
         try:
             await self.workloads.start()
         except Exception as exc:
@@ -240,6 +261,9 @@ class Agent:
                 self.workloads.unregister()
             with contextlib.suppress(Exception):
                 await self.workloads.stop(stop_replicas=leave)
+        if self.traffic is not None:
+            with contextlib.suppress(Exception):
+                await self.traffic.stop()
         if self._gossip is not None:
             if leave:
                 await self._gossip.leave(timeout=2 * self._gossip.config.leave_propagate_time)
@@ -305,6 +329,8 @@ class Agent:
             log.info("member %s %s (%s)", m.name, ev.kind.value, format_addr(m.addr))
             if self.workloads is not None:
                 self.workloads.on_members_changed()
+            if self.traffic is not None:
+                self.traffic.on_members_changed()
 
     def _live_peers(self) -> list[str]:
         if self._gossip is None:
@@ -411,6 +437,10 @@ class Agent:
         assert self.workloads is not None
         return self.workloads.service_replicas(name)
 
+    def service_endpoints(self, name: str) -> dict[str, Any] | None:
+        assert self.traffic is not None
+        return self.traffic.endpoints(name)
+
     def service_leader(self, name: str) -> dict[str, Any] | None:
         assert self.workloads is not None
         return self.workloads.service_leader(name)
@@ -444,6 +474,7 @@ class Agent:
             "store": {**(store.stats if store else {}), "keys": len(store) if store else 0},
             "replication": dict(self.replicator.stats) if self.replicator else {},
             "rpc": dict(self.rpc.stats),
+            "traffic": self.traffic.stats() if self.traffic else {},
             **(
                 {
                     "election": dict(self.workloads.elector.stats),

@@ -133,6 +133,7 @@ class AgentCollector(Collector):
         self._gossip(families, stats.get("gossip") or {})
         self._store(families, stats.get("store") or {})
         self._generic(families, "replication", stats.get("replication") or {})
+        self._traffic(families, stats.get("traffic") or {})
         if self._api is not None:
             self._api_counters(families, self._api)
         yield from families
@@ -184,6 +185,35 @@ class AgentCollector(Collector):
             if value is not None:
                 doc = f"{subsystem.capitalize()} counter {counter}."
                 families.counter(_metric_name(subsystem, counter), doc, {}, value)
+
+    @classmethod
+    def _traffic(cls, families: _Families, traffic: Mapping[str, Any]) -> None:
+        cls._generic(families, "routes", traffic.get("routes") or {})
+        cls._generic(families, "mesh", traffic.get("mesh") or {})
+        cls._generic(families, "dns", traffic.get("dns") or {})
+        for lis in traffic.get("listeners") or []:
+            labels = {"service": str(lis.get("service", "")), "port": str(lis.get("port", ""))}
+            families.gauge(
+                _metric_name("proxy_connections"),
+                "Client connections open through the mesh proxy.",
+                labels,
+                _number(lis.get("connections")) or 0,
+            )
+            families.gauge(
+                _metric_name("proxy_endpoints"),
+                "Replicas the mesh proxy may send traffic to (ready, not ejected).",
+                labels,
+                float(len(lis.get("endpoints") or ())),
+            )
+            for counter, raw in (lis.get("stats") or {}).items():
+                value = _number(raw)
+                if value is not None:
+                    families.counter(
+                        _metric_name("proxy", counter),
+                        f"Mesh proxy counter {counter}.",
+                        labels,
+                        value,
+                    )
 
     @staticmethod
     def _api_counters(families: _Families, api: ApiCounters) -> None:

@@ -227,6 +227,28 @@ class FakeView:
             for slot in range(count)
         ]
 
+    def service_endpoints(self, name: str) -> dict[str, Any] | None:
+        if name not in self.services:
+            return None
+        spec = self.services[name][0]
+        return {
+            "service": name,
+            "balance": spec.balance.to_dict(),
+            "ports": [p.to_dict() for p in spec.ports],
+            "endpoints": [
+                {
+                    "id": r["id"],
+                    "node": r["node"],
+                    "address": r["address"],
+                    "ports": r["ports"],
+                    "weight": 1,
+                }
+                for r in self.service_replicas(name) or []
+            ],
+            "listeners": [],
+            "routes_version": 1,
+        }
+
     def service_leader(self, name: str) -> dict[str, Any] | None:
         return {"node": "n1", "term": 1} if name in self.services else None
 

@@ -160,6 +160,36 @@ _SCHEMAS: dict[str, Any] = {
         },
         "additionalProperties": True,
     },
+    "Endpoints": {
+        "type": "object",
+        "required": ["service", "balance", "ports", "endpoints", "listeners"],
+        "properties": {
+            "service": {"type": "string"},
+            "balance": {"type": "object", "additionalProperties": True},
+            "ports": {"type": "array", "items": {"type": "object", "additionalProperties": True}},
+            "endpoints": {
+                "type": "array",
+                "description": "Ready replicas on reachable nodes: what the proxies pick from.",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "node", "address", "ports", "weight"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "node": {"type": "string"},
+                        "address": {"type": "string"},
+                        "ports": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "weight": {"type": "integer", "minimum": 1},
+                    },
+                },
+            },
+            "listeners": {
+                "type": "array",
+                "description": "This node's mesh listeners for the service's ports.",
+                "items": {"type": "object", "additionalProperties": True},
+            },
+            "routes_version": {"type": "integer", "minimum": 0},
+        },
+    },
     "Leader": {
         "type": "object",
         "required": ["node", "term"],
@@ -613,6 +643,19 @@ _PATHS: dict[str, Any] = {
             "summary": "The service's replicas, with their node, state, health and ports.",
             "responses": {
                 "200": _json({"type": "array", "items": _ref("Replica")}, "The replicas."),
+                "400": _problem("BadRequest"),
+                **_GUARDED,
+                "404": _problem("NotFound"),
+            },
+        },
+    },
+    "/v1/services/{name}/endpoints": {
+        "parameters": [_NAME_PARAM],
+        "get": {
+            "operationId": "getEndpoints",
+            "summary": "What this node's proxies and DNS use for the service.",
+            "responses": {
+                "200": _json(_ref("Endpoints"), "The service's endpoints and listeners."),
                 "400": _problem("BadRequest"),
                 **_GUARDED,
                 "404": _problem("NotFound"),

@@ -210,6 +210,14 @@ async def get_replicas(request: web.Request) -> web.Response:
     return json_response(replicas)
 
 
+async def get_endpoints(request: web.Request) -> web.Response:
+    name = _name(request)
+    endpoints = request.app[VIEW].service_endpoints(name)
+    if endpoints is None:
+        raise _not_found(name)
+    return json_response(endpoints)
+
+
 async def get_leader(request: web.Request) -> web.Response:
     query(request)
     name = _name(request)
@@ -367,6 +375,7 @@ def routes() -> list[web.RouteDef]:
         web.put(one, put_service),
         web.delete(one, delete_service),
         web.get(one + "/replicas", get_replicas),
+        web.get(one + "/endpoints", get_endpoints),
         web.get(one + "/leader", get_leader),
         web.post(one + "/scale", scale),
         web.get(one + "/logs", logs, allow_head=False),

@@ -112,6 +112,11 @@ class AgentView(Protocol):
         """The replica records of a service by slot; None if there is no such service."""
         ...
 
+    def service_endpoints(self, name: str) -> dict[str, Any] | None:
+        """What this node's proxies and DNS use for a service: its ports, balancing
+        policy, ready replicas and listeners; None if there is no such service."""
+        ...
+
     def service_leader(self, name: str) -> dict[str, Any] | None:
         """``{"node", "term"}`` of the service's leader, node None while there is
         none yet; None if there is no such service."""
