@@ -22,7 +22,8 @@ from aiohttp import WSMsgType, web
 from meshd.proxy.balancing import Endpoint
 from meshd.proxy.outlier import OutlierConfig
 from meshd.proxy.router import Router
-from meshd.spec import Balance
+from meshd.scheduler.assignment import ReplicaStatus, ServiceStatus
+from meshd.spec import Balance, ServiceSpec
 
 LOOPS = ("asyncio", "uvloop")
 HOST = "127.0.0.1"
@@ -356,3 +357,36 @@ def get(
     ):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+# ----- specs and statuses ----------------------------------------------------------
+
+
+def make_spec(name: str, *ports: dict[str, Any], **extra: Any) -> ServiceSpec:
+    """A valid spec with these ports (``{"name", "target", ...}``)."""
+    data: dict[str, Any] = {"name": name, "image": "example/app", "ports": list(ports)}
+    data.update(extra)
+    return ServiceSpec.from_dict(data)
+
+
+def replica(
+    rid: str,
+    *,
+    state: str = "running",
+    health: str = "none",
+    address: str = "10.0.0.1",
+    ports: dict[str, int] | None = None,
+) -> ReplicaStatus:
+    return ReplicaStatus(
+        id=rid,
+        slot=0,
+        version="v1",
+        state=state,  # type: ignore[arg-type]
+        health=health,  # type: ignore[arg-type]
+        address=address,
+        ports={"http": 31000} if ports is None else ports,
+    )
+
+
+def make_status(node: str, service: str, *replicas: ReplicaStatus) -> ServiceStatus:
+    return ServiceStatus(node=node, service=service, term=1, replicas=replicas)
