@@ -98,6 +98,8 @@ class Traffic:
             addresses = [self.advertise, "127.0.0.1"]
             if self.host_address:
                 addresses.append(self.host_address)
+            if self.dns_addr is not None:
+                addresses.append(self.dns_addr[0])  # DNS answers its own address for web.mesh
         self.mesh = RoutingMesh(
             node=self.node,
             addresses=addresses,
