@@ -45,7 +45,15 @@ one repeat to the next), every load run bounded by ``--duration``:
 
 Medians over ``--repeats`` are quoted; ratios are the median of the
 per-repeat ratios (the two sides of a ratio ran seconds apart). Every sample
-is in the JSON under ``samples``, and every wrk run under ``runs``.
+is in the JSON under ``samples``, and every wrk run under ``runs`` with how
+busy each CPU was meanwhile (``cpu``, from /proc/stat: processes, interrupts
+-- where loopback traffic is processed -- and hypervisor steal) and the CPU
+the proxy's own processes used (``proxy_cpu_pct``, percent of one core). A
+proxy well below 100% at its maximum rate was not the bottleneck. The CPU
+other programs used meanwhile (``others_cpu_pct``: every process outside
+this run, kernel threads aside) shows how shared the machine was; a
+measured run where they took a fifth of a core or more is named in
+``warnings``. ``--nice -10`` gives every process of the run a larger share.
 
 Install the peers once with ``scripts/bench/install-peers`` (root).
 ``--only peers`` runs without meshd, ``--only meshd`` without the peers;
@@ -87,7 +95,18 @@ from proxykit.peers import (  # noqa: E402
     start_haproxy,
     start_nginx_proxy,
 )
-from proxykit.procs import BenchError, Procs, accepts, cpus_of, wait_until  # noqa: E402
+from proxykit.procs import (  # noqa: E402
+    BenchError,
+    Procs,
+    accepts,
+    cpu_shares,
+    cpu_ticks,
+    cpus_of,
+    group_ticks,
+    others_ticks,
+    ticks_between,
+    wait_until,
+)
 from proxykit.wrk import Wrk, WrkResult  # noqa: E402
 
 BACKEND_SERVICE = "bench-backend"
@@ -97,6 +116,9 @@ CALIBRATION_TRIES = 4
 CHANGE_LIMIT_S = 10.0
 READY_AFTER_MISS_S = 60.0
 MESH_READY_S = 30.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NOISE_PCT = 20
+"""Other programs' CPU use (percent of one core) above which a run is named in ``warnings``."""
 ERROR_SHARE = 0.01
 """A run with more failed requests than this share is reported in ``warnings``."""
 
@@ -118,6 +140,8 @@ class Target:
     system: str  # direct, meshd, peers
     port: int
     layer: str  # l4, l7 or "" for the backend
+    process: str | None = None
+    """The proxy's name among the started processes (its CPU use is recorded)."""
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -137,15 +161,47 @@ class Bench:
     half_load: list[dict[str, Any]] = field(default_factory=list)
     pinning: dict[str, list[str]] = field(default_factory=dict)
     agent: Agent | None = None
+    proxy_cpu: str = ""
 
     def sample(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
 
+    def busy(self) -> str:
+        """The last run's CPU use, for the progress log."""
+        run = self.runs[-1] if self.runs else {}
+        cpus = " ".join(f"{c}:{v['busy']}%" for c, v in run.get("cpu", {}).items())
+        proxy = f", proxy {run['proxy_cpu_pct']}%" if "proxy_cpu_pct" in run else ""
+        return f"(busy cpu {cpus}{proxy}, others {run.get('others_cpu_pct', 0)}%)"
+
+    def our_groups(self) -> set[int]:
+        """Process groups of this run: the harness, what it started, meshd's replicas."""
+        groups = {os.getpgrp(), *(p.pid for p in self.procs.running.values())}
+        if self.agent is not None:
+            groups.update(self.agent.replica_groups())
+        return groups
+
     def load(self, target: Target, test: str, conns: int, seconds: float, **kw: Any) -> WrkResult:
         """One wrk run against ``target``, recorded; the target must still be up."""
         path = BIG_PATH if test == "bulk" else "/"
+        proc = self.procs.running.get(target.process or "")
+        ours = self.our_groups()
+        mine0 = group_ticks(proc.pid) if proc else 0
+        others0, cpus0, t0 = others_ticks(ours), cpu_ticks(), time.monotonic()
         res = self.wrk.run(target.url(path), conns, seconds, **kw)
-        self.runs.append({"target": target.key, "test": test, **res.to_json()})
+        mine1 = group_ticks(proc.pid) if proc else 0
+        others1, cpus1, t1 = others_ticks(ours), cpu_ticks(), time.monotonic()
+        pct = lambda ticks: round(100 * ticks / CLK_TCK / (t1 - t0))  # noqa: E731
+        run = {"target": target.key, "test": test, **res.to_json()}
+        run["cpu"] = cpu_shares(cpus0, cpus1)
+        if proc is not None:
+            run["proxy_cpu_pct"] = pct(mine1 - mine0)
+        run["others_cpu_pct"] = pct(ticks_between(others0, others1))
+        self.runs.append(run)
+        if test != "calibrate" and run["others_cpu_pct"] >= NOISE_PCT:
+            self.warnings.append(
+                f"{target.key} {test} c={conns}: other programs used "
+                f"{run['others_cpu_pct']}% of a core meanwhile"
+            )
         failed = res.error_count()
         if res.requests == 0 or failed > ERROR_SHARE * max(1, res.requests):
             self.warnings.append(
@@ -299,20 +355,28 @@ def setup(bench: Bench, workdir: Path, cpus: tuple[str, str]) -> None:
         backend = render_backend(bench.procs, template, load_cpus)
     else:
         backend = start_meshd(bench, workdir, template, cpus)
-        bench.targets["meshd_l4"] = Target("meshd_l4", "meshd L4", "meshd", args.l4_port, "l4")
-        bench.targets["meshd_l7"] = Target("meshd_l7", "meshd L7", "meshd", args.l7_port, "l7")
+        bench.targets["meshd_l4"] = Target(
+            "meshd_l4", "meshd L4", "meshd", args.l4_port, "l4", "meshd"
+        )
+        bench.targets["meshd_l7"] = Target(
+            "meshd_l7", "meshd L7", "meshd", args.l7_port, "l7", "meshd"
+        )
     bench.targets["direct"] = Target("direct", "backend directly", "direct", backend.http, "")
     with contextlib.suppress(OSError, ValueError):
         master = int((workdir / "backend" / "backend.pid").read_text())
         bench.pinning["backend"] = sorted(cpus_of(master))
     if args.only != "meshd":
         tcp, http_ = start_haproxy(bench.procs, workdir, backend, proxy_cpu)
-        bench.targets["haproxy_tcp"] = Target("haproxy_tcp", "HAProxy mode tcp", "peers", tcp, "l4")
+        bench.targets["haproxy_tcp"] = Target(
+            "haproxy_tcp", "HAProxy mode tcp", "peers", tcp, "l4", "haproxy"
+        )
         bench.targets["haproxy_http"] = Target(
-            "haproxy_http", "HAProxy mode http", "peers", http_, "l7"
+            "haproxy_http", "HAProxy mode http", "peers", http_, "l7", "haproxy"
         )
         port = start_nginx_proxy(bench.procs, workdir, backend, proxy_cpu)
-        bench.targets["nginx_http"] = Target("nginx_http", "nginx proxy_pass", "peers", port, "l7")
+        bench.targets["nginx_http"] = Target(
+            "nginx_http", "nginx proxy_pass", "peers", port, "l7", "nginx-proxy"
+        )
         for name in ("haproxy", "nginx-proxy"):
             bench.pinning[name] = sorted(cpus_of(bench.procs.running[name].pid))
     for t in bench.targets.values():
@@ -349,11 +413,11 @@ def repeat(bench: Bench, r: int) -> None:
     for t in rotate(ordered(bench, rps_keys), r):
         res = bench.load(t, "rps", args.connections, args.duration)
         bench.sample(f"{t.key}_rps", res.rps)
-        log(f"  {t.label:18} {res.rps:10.0f} req/s  p99 {res.p99_ms:.2f} ms")
+        log(f"  {t.label:18} {res.rps:10.0f} req/s  p99 {res.p99_ms:.2f} ms  {bench.busy()}")
     for t in rotate(ordered(bench, ["direct", "meshd_l4", "haproxy_tcp"]), r):
         res = bench.load(t, "bulk", args.bulk_connections, args.duration, timeout_s=60.0)
         bench.sample(f"{t.key}_mbps", res.mbps)
-        log(f"  {t.label:18} {res.mbps:10.0f} MB/s")
+        log(f"  {t.label:18} {res.mbps:10.0f} MB/s  {bench.busy()}")
     direct = bench.targets["direct"]
     for t in rotate(ordered(bench, ["meshd_l7", "haproxy_http", "nginx_http"]), r):
         conns, tried = half_load_conns(bench, t, bench.samples[f"{t.key}_rps"][-1])
@@ -570,6 +634,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--route-changes", type=int, default=20, help="scale changes timed")
     ap.add_argument("--only", choices=("peers", "meshd"), help="run only these proxies")
     ap.add_argument("--quick", action="store_true", help="short smoke run (1 repeat, 2s runs)")
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run everything at this niceness (e.g. -10 to win CPU from other programs)",
+    )
     ap.add_argument("--proxy-cpu", type=int, help="the core proxies run on (default: CPU 1)")
     ap.add_argument("--l7-port", type=int, default=18080, help="meshd's http service_port")
     ap.add_argument("--l4-port", type=int, default=18081, help="meshd's tcp service_port")
@@ -595,6 +665,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for port in (args.l7_port, args.l4_port):
         if not 1024 <= port <= 65535:
             ap.error("--l7-port and --l4-port must be 1024..65535")
+    if not -20 <= args.nice <= 19:
+        ap.error("--nice must be -20..19")
+    if args.nice < 0 and os.geteuid() != 0:
+        ap.error("a negative --nice needs root")
     if args.l7_port == args.l4_port:
         ap.error("--l7-port and --l4-port must differ")
     return args
@@ -607,9 +681,9 @@ def _on_signal(_sig: int, _frame: object) -> None:
 def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
     check_tools(args)
     cpus = choose_cpus(args.proxy_cpu)
-    procs = Procs(workdir)
+    procs = Procs(workdir, nice=args.nice)
     stack.callback(procs.close)
-    bench = Bench(args, procs, Wrk(procs, workdir, cpus[1]))
+    bench = Bench(args, procs, Wrk(procs, workdir, cpus[1]), proxy_cpu=cpus[0])
     stack.callback(lambda: bench.agent.close() if bench.agent else None)
     setup(bench, workdir, cpus)
     log(f"proxies on CPU {cpus[0]}, wrk and backend on CPU {cpus[1]}: {bench.pinning}")
@@ -630,6 +704,7 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
         "proxy_cpu": cpus[0],
         "load_cpus": cpus[1],
         "nproc": os.cpu_count(),
+        "nice": args.nice,
         "versions": versions(),
     }
     return summarize(bench, changes, meta)

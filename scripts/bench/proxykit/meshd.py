@@ -15,8 +15,10 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import secrets
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +96,12 @@ class Agent:
             "--profile", "local",
             "--log-level", "warning",
         ]  # fmt: skip
+        # Keep the mesh and the DNS server on loopback, clear of other agents.
+        flags = self._flags()
+        if "--proxy-address" in flags:
+            argv += ["--proxy-address", "127.0.0.1"]
+        if "--dns" in flags:
+            argv += ["--dns", f"127.0.0.1:{free_port()}"]
         self.pid = self.procs.start("meshd", argv, cpus=self.cpus).pid
         wait_until(
             lambda: self.procs.check("meshd") or self.api.request("GET", "/v1/agent")[0] == 200,
@@ -101,6 +109,13 @@ class Agent:
             "meshd agent answering its API",
             step=0.05,
         )
+
+    def _flags(self) -> set[str]:
+        """The options this agent's version knows (the mesh's arrived with issue 5)."""
+        out = subprocess.run(
+            [self.meshd, "agent", "--help"], capture_output=True, text=True, timeout=30
+        )
+        return set(re.findall(r"--[a-z][a-z-]+", out.stdout))
 
     def put(self, name: str, spec: dict[str, Any]) -> None:
         status, doc = self.api.request("PUT", f"/v1/services/{name}", {"name": name, **spec})
@@ -163,6 +178,10 @@ class Agent:
         return None
 
     # -- cleanup -------------------------------------------------------------------
+
+    def replica_groups(self) -> list[int]:
+        """Process groups of the replicas (each runs in a session of its own)."""
+        return self._replica_pids()
 
     def _replica_pids(self) -> list[int]:
         """Live process groups the process driver recorded (start time verified)."""

@@ -17,7 +17,19 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["BenchError", "Procs", "accepts", "cpus_of", "free_port", "wait_until"]
+__all__ = [
+    "BenchError",
+    "Procs",
+    "accepts",
+    "cpu_shares",
+    "cpu_ticks",
+    "cpus_of",
+    "free_port",
+    "group_ticks",
+    "others_ticks",
+    "ticks_between",
+    "wait_until",
+]
 
 GRACE_S = 5.0
 """How long a SIGTERMed process group gets before SIGKILL."""
@@ -63,11 +75,85 @@ def cpus_of(pid: int) -> set[str]:
     return lists
 
 
+CpuTicks = dict[str, tuple[int, int, int, int]]
+
+
+def cpu_ticks() -> CpuTicks:
+    """Per CPU: (processes, interrupts, steal, total) clock ticks since boot (/proc/stat)."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *fields = line.split()
+                user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+                total = user + nice + system + idle + iowait + irq + softirq + steal
+                out[name[3:]] = (user + nice + system, irq + softirq, steal, total)
+    return out
+
+
+def cpu_shares(before: CpuTicks, after: CpuTicks) -> dict[str, dict[str, int]]:
+    """Per CPU between two readings, in percent: ``busy`` (all but idle), ``procs``
+    (processes), ``irq`` (interrupts, where loopback traffic is handled) and ``steal``."""
+    out = {}
+    for cpu, now in after.items():
+        then = before.get(cpu, (0, 0, 0, 0))
+        procs, irq, steal, total = (a - b for a, b in zip(now, then, strict=True))
+        shares = {"busy": procs + irq + steal, "procs": procs, "irq": irq, "steal": steal}
+        out[cpu] = {k: round(100 * v / total) if total > 0 else 0 for k, v in shares.items()}
+    return out
+
+
+def others_ticks(ours: set[int]) -> dict[int, tuple[int, int]]:
+    """pid -> (start time, user + system ticks) of every process outside the groups
+    ``ours`` (kernel threads excluded): what other programs on the machine use."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[1] is the parent: kthreadd (2) and its children are the kernel's.
+        pid, ppid, pgid = int(entry.name), int(fields[1]), int(fields[2])
+        if pgid in ours or pid == 2 or ppid == 2:
+            continue
+        out[pid] = (int(fields[19]), int(fields[11]) + int(fields[12]))
+    return out
+
+
+def ticks_between(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> int:
+    """Ticks used between two ``others_ticks`` readings (by processes alive at the second)."""
+    total = 0
+    for pid, (start, ticks) in after.items():
+        then = before.get(pid)
+        total += ticks - then[1] if then is not None and then[0] == start else ticks
+    return total
+
+
+def group_ticks(pgid: int) -> int:
+    """CPU clock ticks (user + system) used so far by the live processes of a group."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
 class Procs:
     """Started processes by name, with their logs in ``logs``."""
 
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, nice: int = 0) -> None:
         self.logs = logs
+        self.nice = nice
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(
@@ -82,6 +168,8 @@ class Procs:
         if name in self.running and self.running[name].poll() is None:
             raise BenchError(f"{name} is already running")
         full = ["taskset", "-c", cpus, *argv] if cpus else list(argv)
+        if self.nice:
+            full = ["nice", "-n", str(self.nice), *full]
         with open(self.logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
                 full,
