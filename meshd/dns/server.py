@@ -80,6 +80,8 @@ class _Udp(asyncio.DatagramProtocol):
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
         self.local = ""
+        self.closed = asyncio.get_running_loop().create_future()
+        """Done when the socket is really closed (``close()`` only schedules it)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -90,6 +92,10 @@ class _Udp(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("DNS UDP socket %s: %s", self.local, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class DnsServer:
@@ -179,6 +185,7 @@ class DnsServer:
                 if port == 0 and exc.errno == errno.EADDRINUSE and attempt + 1 < _BIND_ATTEMPTS:
                     udp.transport.close()
                     self._udp.remove(udp)
+                    await udp.closed
                     continue
                 raise _bind_error(exc, host, real_port, "tcp") from exc
             self._tcp.append(server)
@@ -200,12 +207,14 @@ class DnsServer:
         self._tcp.clear()
 
     async def _close_listeners(self) -> None:
-        for udp in self._udp:
+        udps, self._udp = self._udp, []
+        for udp in udps:
             if udp.transport is not None:
                 udp.transport.close()
-        self._udp.clear()
         for server in self._tcp:
             server.close()
+        # Returns with the UDP ports free again (a restart may bind them at once).
+        await asyncio.gather(*(u.closed for u in udps if u.transport is not None))
 
     async def __aenter__(self) -> DnsServer:
         await self.start()
@@ -248,7 +257,8 @@ class DnsServer:
             if self.forwarder is not None:
                 return query
             stats["refused"] += 1
-            return render(error(query, dns.rcode.REFUSED), TCP_MAX if tcp else udp_limit(query))
+            refused = error(query, dns.rcode.REFUSED, recursion=False)
+            return render(refused, TCP_MAX if tcp else udp_limit(query))
         reply = render(response, TCP_MAX if tcp else udp_limit(query))
         rcode = response.rcode()
         if rcode == dns.rcode.NXDOMAIN:

@@ -278,9 +278,9 @@ def _set_rcode(response: dns.message.Message, rcode: int) -> None:
         response.set_rcode(dns.rcode.Rcode(rcode))
 
 
-def error(query: dns.message.Message, rcode: int) -> dns.message.Message:
-    """An empty, non-authoritative ``rcode`` response (RA set: for forwarded names)."""
-    return _response(query, rcode, recursion=True, authoritative=False)
+def error(query: dns.message.Message, rcode: int, *, recursion: bool = True) -> dns.message.Message:
+    """An empty, non-authoritative ``rcode`` response (for names outside the zone)."""
+    return _response(query, rcode, recursion=recursion, authoritative=False)
 
 
 def _negative(response: dns.message.Message, rcode: int) -> dns.message.Message:
@@ -436,8 +436,12 @@ def udp_limit(query: dns.message.Message) -> int:
 def render(response: dns.message.Message, limit: int = 65535) -> bytes:
     """Wire form within ``limit`` bytes; records that do not fit are left out
     and TC is set when an answer or authority record was (the client then
-    retries on TCP; additional records are optional)."""
-    return response.to_wire(max_size=limit, prefer_truncation=True)
+    retries on TCP; additional records are optional).
+
+    Records keep their order (the codec would shuffle them): the same
+    question gets the same bytes, which the server's answer cache relies on.
+    """
+    return response.to_wire(max_size=limit, prefer_truncation=True, want_shuffle=False)
 
 
 def error_from_header(wire: bytes, rcode: int) -> bytes | None:
