@@ -48,6 +48,25 @@ def refused_port() -> int:
         return s.getsockname()[1]
 
 
+def blackhole() -> tuple[socket.socket, list[socket.socket], int]:
+    """A loopback port whose accept queue is full: a connect to it hangs (SYNs dropped).
+
+    Close the listener and the fillers when done.
+    """
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            f.connect((HOST, port))
+        fillers.append(f)
+    return listener, fillers, port
+
+
 def make_router(
     ports: Iterable[tuple[str, str, int]],
     *,
