@@ -459,7 +459,7 @@ _packets = st.one_of(
 )
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(packet=_packets, over_tcp=st.booleans())
 def test_any_packet_gets_a_well_formed_reply_or_is_dropped(packet: bytes, over_tcp: bool) -> None:
     # The packet handler itself, without sockets, so hypothesis can drive it fast.

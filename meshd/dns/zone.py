@@ -25,7 +25,7 @@ them to resolvers that cut at NXDOMAIN). Known gap: for a node named with dots
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -187,9 +187,9 @@ class _RouteMemo:
 
     def __init__(self, size: int = 1024) -> None:
         self.size = size
-        self._entries: dict[tuple[int, str], tuple[Route, Any]] = {}
+        self._entries: dict[tuple[int, Hashable], tuple[Route, Any]] = {}
 
-    def get(self, route: Route, key: str, make: Callable[[], Any]) -> Any:
+    def get(self, route: Route, key: Hashable, make: Callable[[], Any]) -> Any:
         entry = self._entries.get((id(route), key))
         if entry is not None and entry[0] is route:
             return entry[1]
@@ -411,7 +411,9 @@ def _srv(
         return _negative(response, dns.rcode.NXDOMAIN)
     if rdtype not in (_SRV, _ANY):
         return _negative(response, dns.rcode.NOERROR)
-    records, targets = _memo.get(route, port_name, lambda: _srv_records(owner, route, port_name))
+    records, targets = _memo.get(
+        route, (owner, port_name), lambda: _srv_records(owner, route, port_name)
+    )
     if records is None:
         return _negative(response, dns.rcode.NOERROR)
     response.answer.append(records)
