@@ -143,7 +143,7 @@ class Traffic:
             return
         if for_containers:
             self.controller.dns = (self.host_address,)  # type: ignore[assignment]
-            self.controller.dns_search = (DOMAIN.rstrip("."),)
+            self.controller.dns_search = (DOMAIN.to_text(omit_final_dot=True),)
 
     def _upstreams(self) -> list[Addr] | None:
         return None if self.dns_upstreams is None else list(self.dns_upstreams)

@@ -20,11 +20,11 @@ import dns.asyncquery
 import dns.message
 import dns.rdatatype
 import pytest
+from conftest import async_wait_for
 
 from meshd.agent import Agent
 from meshd.config import load_config
 from meshd.spec import ServiceSpec
-from tests.conftest import async_wait_for
 
 pytestmark = pytest.mark.integration
 

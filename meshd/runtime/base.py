@@ -58,6 +58,11 @@ class PortBinding:
     host_port: int
     protocol: str = "tcp"
 
+    @property
+    def transport(self) -> str:
+        """What the kernel carries it over (``http`` is TCP too): what the engine publishes."""
+        return "udp" if self.protocol == "udp" else "tcp"
+
 
 @dataclass(frozen=True, slots=True)
 class LaunchSpec:

@@ -507,7 +507,7 @@ class DockerDriver:
         if spec.ports:
             bindings: dict[str, list[dict[str, str]]] = {}
             for p in spec.ports:
-                bindings.setdefault(f"{p.target}/{p.protocol}", []).append(
+                bindings.setdefault(f"{p.target}/{p.transport}", []).append(
                     {"HostIp": self.publish_ip, "HostPort": str(p.host_port)}
                 )
             host["PortBindings"] = bindings
@@ -528,7 +528,7 @@ class DockerDriver:
         elif spec.args:
             config["Cmd"] = list(spec.args)
         if spec.ports:
-            config["ExposedPorts"] = {f"{p.target}/{p.protocol}": {} for p in spec.ports}
+            config["ExposedPorts"] = {f"{p.target}/{p.transport}": {} for p in spec.ports}
         return config
 
     async def _create(self, spec: LaunchSpec, name: str) -> aiodocker.containers.DockerContainer:
