@@ -40,6 +40,7 @@ import http.server, json, os
 me = json.dumps({"replica": os.environ["MESHD_REPLICA"], "node": os.environ["MESHD_NODE"]})
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two sends: no wait on a delayed ACK
     def do_GET(self):
         body = me.encode()
         self.send_response(200)
@@ -393,6 +394,7 @@ def test_host_killed_under_steady_load(cluster: LabCluster, network: str) -> Non
             f"answers from the replacement {fresh}",
         )
         records = load.stop()
+        declared = observer.dead.get(f"h{victim}")
     finally:
         if load is not None:
             load.stop()
@@ -407,6 +409,7 @@ def test_host_killed_under_steady_load(cluster: LabCluster, network: str) -> Non
         f"{len(records)} requests from h{client}, {len(after)} after h{victim} died: "
         f"{len(errors)} failed, last error {last_error and round(last_error, 2)} s after; "
         f"slowest took {slowest['dt']} s at +{round(slowest['t'] - killed, 2)} s; "
+        f"h{client} declared it dead at +{declared and round(declared - killed, 2)} s; "
         f"errors: {[(round(r['t'] - killed, 2), r['error']) for r in errors[:5]]}"
     )
     print(summary)
