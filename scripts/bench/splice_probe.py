@@ -7,10 +7,11 @@ Two forwarders, side by side in one run, on 127.0.0.1 only:
   uvloop) with a ``Router`` holding one endpoint, the backend.
 * ``splice``: the forwarder below. Accepts and connects with non-blocking
   sockets driven by uvloop's ``add_reader``/``add_writer``; per direction one
-  pipe, bytes go socket -> pipe -> socket with ``os.splice`` and never enter
-  Python. When the destination cannot take what the pipe holds, the source is
-  no longer read until the pipe has drained (backpressure); EOF becomes a
-  ``shutdown(SHUT_WR)`` once the pipe is empty (half-close passes through).
+  pipe (``--pipe-size``, default 1 MiB), bytes go socket -> pipe -> socket
+  with ``os.splice`` and never enter Python. When the destination cannot
+  take what the pipe holds, the source is no longer read until the pipe has
+  drained (backpressure); EOF becomes a ``shutdown(SHUT_WR)`` once the pipe
+  is empty (half-close passes through).
 
 Each runs in its own process pinned to ``--proxy-cpu`` (default 1); wrk (one
 thread) and the backend, nginx from scripts/bench/proxykit (a 6-byte body at
@@ -57,7 +58,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from proxykit.peers import BIG_BYTES, BIG_PATH, SMALL_BODY, backend_template, render_backend  # noqa: E402
-from proxykit.procs import BenchError, Procs, accepts, free_port, wait_until  # noqa: E402
+from proxykit.procs import (  # noqa: E402
+    BenchError,
+    Procs,
+    accepts,
+    cpu_shares,
+    cpu_ticks,
+    free_port,
+    wait_until,
+)
 from proxykit.wrk import Wrk, WrkResult  # noqa: E402
 
 KINDS = ("product", "splice")
@@ -66,12 +75,24 @@ SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 CONNECT_TIMEOUT_S = 5.0
 START_S = 15.0
 CHECK_TIMEOUT_S = 30.0
+PIPE_SIZE = 1 << 20
+"""Bytes per splice pipe: fs.pipe-max-size's default. With the kernel's 64 KiB (16 slots,
+one per socket buffer fragment) bulk moves cost about 2.5 times more CPU per GB."""
 ACCEPT_BATCH = 64
 """Connections accepted per readiness event, so a flood of them cannot starve the others."""
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log(msg)
 
 
 # ----- the splice forwarder ----------------------------------------------------------------
@@ -95,8 +116,10 @@ class _Direction:
         self.dst_sock = dst
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if pipe_size:
-            with contextlib.suppress(OSError):  # over the user's pipe quota: keep the default
+            try:
                 fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, pipe_size)
+            except OSError as exc:  # over pipe-max-size or the user's quota: keep the default
+                _warn_once(f"pipe size {pipe_size}: {exc!r}; kept the kernel's default")
         self.cap = fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ)
         self.held = 0
         """Bytes in the pipe not yet passed on."""
@@ -422,15 +445,19 @@ def measure(args: argparse.Namespace, workdir: Path, procs: Procs) -> dict[str, 
         for test, path, conns in tests:
             for kind in order:
                 procs.check(kind)
-                cpu0 = proc_cpu_s(pids[kind])
+                cpu0, ticks0 = proc_cpu_s(pids[kind]), cpu_ticks()
                 res: WrkResult = wrk.run(f"http://127.0.0.1:{ports[kind]}{path}", conns,
                                          args.duration)  # fmt: skip
-                cpu = proc_cpu_s(pids[kind]) - cpu0
+                cpu, ticks1 = proc_cpu_s(pids[kind]) - cpu0, cpu_ticks()
                 procs.check(kind)
                 row = record(samples[kind], test, res, cpu)
+                # How busy each core was (everything on it), to tell a proxy-bound run apart.
+                cores = {c: v["busy"] for c, v in cpu_shares(ticks0, ticks1).items()}
                 runs.append({"repeat": rep, "kind": kind, "test": test, **row,
-                             "errors": res.errors})  # fmt: skip
-                log(f"[{rep + 1}/{args.repeats}] {test:5} {kind:7} " + fmt_row(test, row))
+                             "core_busy_pct": cores, "errors": res.errors})  # fmt: skip
+                busy = " ".join(f"{c}:{v}%" for c, v in cores.items())
+                log(f"[{rep + 1}/{args.repeats}] {test:5} {kind:7} {fmt_row(test, row)} "
+                    f"cores busy {busy}")  # fmt: skip
     return report(args, samples, runs)
 
 
@@ -506,14 +533,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     s.add_argument("--kind", choices=KINDS, required=True)
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--upstream", type=int, required=True)
-    s.add_argument("--pipe-size", type=int, default=0)
+    s.add_argument("--pipe-size", type=int, default=PIPE_SIZE)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--duration", type=float, default=3.0, help="seconds per load run")
     p.add_argument("--connections", type=int, default=50, help="wrk connections, small")
     p.add_argument("--bulk-connections", type=int, default=4, help="wrk connections, bulk")
     p.add_argument("--proxy-cpu", default="1")
     p.add_argument("--load-cpus", default="0", help="wrk and the backend")
-    p.add_argument("--pipe-size", type=int, default=0,
+    p.add_argument("--pipe-size", type=int, default=PIPE_SIZE,
                    help="splice pipe size in bytes (0: the kernel's default, 64 KiB)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
