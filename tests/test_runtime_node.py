@@ -459,6 +459,27 @@ async def test_unassigned_replicas_are_stopped_removed_and_unreported() -> None:
         assert h.store.get(status_key(NODE, "web"), include_deleted=True) is not None
 
 
+async def test_a_ready_replica_leaves_the_status_before_it_is_stopped() -> None:
+    """Draining: the proxies stop picking it first, then it stops."""
+    web_spec = spec("web", ports=[{"name": "http", "target": 80}])
+    async with running() as h:
+        h.controller.drain = 0.3
+        h.assign(web_spec, [("web-0-a", 0), ("web-1-b", 1)])
+        await h.wait_replica("web", "web-1-b", state="running")
+
+        h.assign(web_spec, [("web-0-a", 0)])
+        await async_wait_for(lambda: [r.id for r in h.status("web").replicas] == ["web-0-a"])  # type: ignore[union-attr]
+        assert h.driver.stops == [], "stopped before its status was withdrawn"
+        await async_wait_for(lambda: h.driver.stops == ["web-1-b"])
+        assert h.controller.stats["drained"] == 1
+
+        h.assign(spec("quiet"), [("quiet-0-a", 0)])  # no ports: nothing to drain
+        await h.wait_replica("quiet", "quiet-0-a", state="running")
+        h.unassign("quiet")
+        await async_wait_for(lambda: "quiet-0-a" in h.driver.stops)
+        assert h.controller.stats["drained"] == 1
+
+
 # ----- restart policies ----------------------------------------------------------------
 
 

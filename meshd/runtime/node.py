@@ -66,6 +66,10 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 5.0
 """SIGTERM grace before SIGKILL when a replica is no longer assigned."""
+DRAIN_S = 1.0
+"""A ready replica that is no longer assigned keeps running this long after its
+status says it is gone: every proxy in the mesh stops picking it (status spreads
+in well under a second) and requests already sent to it finish."""
 STATUS_FLUSH_DELAY = 0.02
 """Status changes within this window go out as one write per service."""
 RESYNC_INTERVAL = 5.0
@@ -141,6 +145,7 @@ class NodeController:
         dns: tuple[str, ...] = (),
         dns_search: tuple[str, ...] = (),
         service_env: Callable[[], dict[str, str]] = dict,
+        drain: float = DRAIN_S,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -155,6 +160,9 @@ class NodeController:
         self.dns = dns
         self.dns_search = dns_search
         self.service_env = service_env
+        self.drain = drain
+        self._draining: set[str] = set()
+        """Replica ids taken out of the status that still serve until ``drain`` ends."""
         """``WEB_SERVICE_HOST``-style variables of every service, for new replicas."""
         self._wall_ms = wall_ms
         self._clock = clock
@@ -184,6 +192,7 @@ class NodeController:
             "stale_assignments": 0,
             "bad_assignments": 0,
             "adopted": 0,
+            "drained": 0,
         }
 
     # ------------------------------------------------------------ life cycle
@@ -346,6 +355,8 @@ class NodeController:
                 rep.health_task.cancel()
             if rep.instance is not None:
                 self._orphans[rid] = rep.instance
+                if rep.spec.ports and self._status(rep).ready:
+                    self._draining.add(rid)
             else:
                 self.ports.release(rid)
         # Services whose assignment is gone entirely: report nothing for them.
@@ -618,6 +629,11 @@ class NodeController:
             await self.driver.remove(inst.replica_id)
 
     async def _remove(self, rid: str, inst: Instance) -> None:
+        if rid in self._draining:
+            self._draining.discard(rid)
+            self.flush()  # the proxies learn it is gone now, not after the drain
+            self.stats["drained"] += 1
+            await asyncio.sleep(self.drain)
         try:
             if inst.state != "exited":
                 await self.driver.stop(rid, STOP_TIMEOUT)
