@@ -117,9 +117,15 @@ def _service_commands(client: Callable[[str, str], argparse.ArgumentParser]) -> 
     )
     run.add_argument("--cpu", metavar="C", help="CPU cores per replica (0.5, 500m)")
     run.add_argument("--memory", metavar="M", help="memory per replica (512Mi, 1G)")
+    run.add_argument(
+        "--balance",
+        metavar="POLICY",
+        help="how the mesh spreads traffic: round_robin (default), least_conn, random, "
+        "p2c, ewma, hash, weighted, local_first",
+    )
     run.usage = (
         "meshd run NAME (--image IMG | --command CMD) [--replicas N] [--port SPEC]... "
-        "[--env K=V]... [--cpu C] [--memory M] [-- ARGS...]"
+        "[--env K=V]... [--cpu C] [--memory M] [--balance POLICY] [-- ARGS...]"
     )
     run.epilog = "ARGS after -- go to the image's entrypoint or the command."
     client("services", "list the services")

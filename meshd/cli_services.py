@@ -102,6 +102,8 @@ def _run_document(args: argparse.Namespace) -> dict[str, Any]:
     resources = {k: v for k, v in (("cpu", args.cpu), ("memory", args.memory)) if v is not None}
     if resources:
         doc["resources"] = resources
+    if args.balance is not None:
+        doc["balance"] = args.balance
     return doc
 
 
@@ -121,6 +123,7 @@ def _flag(path: str, args: argparse.Namespace) -> str:
         "replicas": "--replicas",
         "resources.cpu": "--cpu",
         "resources.memory": "--memory",
+        "balance": "--balance",
     }
     return named.get(path) or named.get(top) or path
 

@@ -207,6 +207,14 @@ def test_run_a_command(
     assert view.services["ticker"][0].replicas == 1
 
 
+def test_run_with_a_balancing_policy(
+    server: ServerThread, view: FakeView, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = cli(capsys, "run", "api", "--command", "srv", "--balance", "least_conn")
+    assert (status, err) == (0, ""), err
+    assert view.services["api"][0].balance.policy == "least_conn"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -223,6 +231,7 @@ def test_run_a_command(
         (["--env", "1BAD=x"], "--env 1BAD: bad variable name"),
         (["--cpu", "lots"], "--cpu: cannot parse 'lots'"),
         (["--memory", "-1"], "--memory: cannot parse '-1'"),
+        (["--balance", "fastest"], "--balance: must be one of round_robin"),
         (["--replicas", "20000"], "--replicas: must be 0..10000"),
     ],
 )
