@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,8 @@ class HttpBackend:
     seen: list[Seen] = field(default_factory=list)
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     holding: int = 0
+    fail: int = 0
+    """When set, every request is answered with this status (a sick replica)."""
     keepalive_timeout: float = 75.0
     _runner: web.AppRunner | None = None
 
@@ -161,6 +164,8 @@ class HttpBackend:
         body = await request.read()
         self.seen.append(Seen(request.method, path, list(request.headers.items()), body))
         headers = {"X-Backend": self.name}
+        if self.fail:
+            return web.Response(status=self.fail, text=self.name, headers=headers)
         if path.startswith("/status/"):
             return web.Response(status=int(path.rsplit("/", 1)[1]), text=self.name, headers=headers)
         if path == "/echo":
@@ -356,6 +361,12 @@ class RawClient:
         return await self.reader.read() == b""
 
     def close(self) -> None:
+        self.writer.transport.abort()
+
+    def reset(self) -> None:
+        """Leave with a TCP reset, as a crashed client does (a plain close is a half-close)."""
+        sock = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.writer.transport.abort()
 
 
