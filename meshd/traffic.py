@@ -201,6 +201,7 @@ class Traffic:
             lis for lis in (self.mesh.describe() if self.mesh else []) if lis["service"] == service
         ]
         out["routes_version"] = self.routes.version
+        out["changed_ms"] = self.routes.changed_ms.get(service, 0)
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -188,6 +188,10 @@ _SCHEMAS: dict[str, Any] = {
                 "items": {"type": "object", "additionalProperties": True},
             },
             "routes_version": {"type": "integer", "minimum": 0},
+            "changed_ms": {
+                "type": "integer",
+                "description": "Wall-clock ms when this node's route for the service last changed.",
+            },
         },
     },
     "Leader": {

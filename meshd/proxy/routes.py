@@ -50,6 +50,9 @@ class RouteTable:
         self.version = 0
         self.updated = 0.0
         """``time.monotonic()`` of the last rebuild that changed something."""
+        self.changed_ms: dict[str, int] = {}
+        """Wall-clock ms when each service's route last changed here (for measuring
+        how fast a replica change reaches every proxy)."""
         self._specs: dict[str, tuple[Any, ServiceSpec | None]] = {}
         self._statuses: dict[str, tuple[Any, ServiceStatus | None]] = {}
         self._listeners: list[Listener] = []
@@ -104,6 +107,12 @@ class RouteTable:
         self.stats["rebuilds"] += 1
         if routes == self.routes:
             return
+        now_ms = int(time.time() * 1000)
+        for name, route in routes.items():
+            if self.routes.get(name) != route:
+                self.changed_ms[name] = now_ms
+        for name in [n for n in self.changed_ms if n not in routes]:
+            del self.changed_ms[name]
         self.routes = routes
         self.version += 1
         self.updated = time.monotonic()
