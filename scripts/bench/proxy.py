@@ -40,8 +40,10 @@ one repeat to the next), every load run bounded by ``--duration``:
   health check) is scaled 1 -> 2 -> 1 ... ``--route-changes`` times; each
   sample is the time from sending the scale request to the agent's
   ``/v1/services/<name>/endpoints`` listing the new set of ready endpoints
-  (polled every 5 ms). That is scheduling, process start, first health check,
-  status replication and the route table of this one agent.
+  (polled every 5 ms). For 1 -> 2 that is scheduling, process start, first
+  health check, status replication and the route table of this one agent;
+  for 2 -> 1, the stop and the route table. Both kinds count in the p99;
+  each is also summarised on its own.
 
 Medians over ``--repeats`` are quoted; ratios are the median of the
 per-repeat ratios (the two sides of a ratio ran seconds apart). Every sample
@@ -445,6 +447,7 @@ def route_changes(bench: Bench, workdir: Path) -> dict[str, Any]:
         f"one endpoint of {ROUTE_SERVICE}",
     )
     times: list[float] = []
+    by_kind: dict[str, list[float]] = {"up": [], "down": []}
     missed = 0
     for i in range(bench.args.route_changes):
         want = 2 if i % 2 == 0 else 1
@@ -459,7 +462,14 @@ def route_changes(bench: Bench, workdir: Path) -> dict[str, Any]:
             )
         else:
             times.append(took * 1000)
-    return {"via": via, "samples_ms": [round(t, 1) for t in times], "missed": missed}
+            by_kind["up" if want == 2 else "down"].append(took * 1000)
+    return {
+        "via": via,
+        "samples_ms": [round(t, 1) for t in times],
+        "missed": missed,
+        **{f"{k}_p50_ms": _r(percentile(v, 50)) for k, v in by_kind.items()},
+        **{f"{k}_max_ms": _r(max(v, default=None)) for k, v in by_kind.items()},
+    }
 
 
 # -- summary ---------------------------------------------------------------------------
@@ -590,7 +600,9 @@ def print_table(report: dict[str, Any]) -> None:
         rc = report["route_change"]
         print(
             f"route change p50 {report['route_change_p50_ms']} ms over "
-            f"{len(rc['samples_ms'])} changes (via {rc['via']}, missed {rc['missed']})"
+            f"{len(rc['samples_ms'])} changes (via {rc['via']}, missed {rc['missed']}):"
+            f" 1->2 replicas p50 {rc['up_p50_ms']} max {rc['up_max_ms']} ms,"
+            f" 2->1 p50 {rc['down_p50_ms']} max {rc['down_max_ms']} ms"
         )
     if report["others_cpu_pct"] is not None:
         print(
