@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from gossip import State
+from meshd.config import DEFAULT_DNS
 from meshd.dns import DOMAIN, DnsServer
 from meshd.facts import decode_meta
 from meshd.proxy.endpoints import Route
@@ -62,6 +63,14 @@ def service_env(routes: dict[str, Route], host: str) -> dict[str, str]:
     return env
 
 
+def _sum_stats(parts: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for stats in parts:
+        for key, value in stats.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 class Traffic:
     def __init__(
         self,
@@ -89,6 +98,8 @@ class Traffic:
         self.routes = RouteTable(store, reachable=self.reachable, weight=self.weight)
         self.mesh: RoutingMesh | None = None
         self.dns: DnsServer | None = None
+        self.container_dns: DnsServer | None = None
+        """On port 53 of the docker bridge: a container's resolv.conf cannot name a port."""
 
     async def start(self) -> None:
         with contextlib.suppress(DriverError):
@@ -114,45 +125,49 @@ class Traffic:
         self.controller.service_env = lambda: service_env(self.routes.routes, host)
 
     async def _start_dns(self) -> None:
+        """The DNS server on ``--dns`` and, for containers, on port 53 of the bridge.
+
+        The host listener is required when the operator chose its address; at
+        the default address a clash (another agent or a Consul on this host)
+        costs only that listener, with a warning: a zero-config start should
+        not fail for want of a port. The container listener needs port 53
+        (root); without it containers keep the engine's own DNS.
+        """
         if self.dns_addr is None:
             return
-        binds = [self.dns_addr]
-        for_containers = self.host_address is not None and (
-            self.host_address,
-            CONTAINER_DNS_PORT,
-        ) != tuple(self.dns_addr)
-        if for_containers:
-            binds.append((self.host_address, CONTAINER_DNS_PORT))  # type: ignore[arg-type]
-        self.dns = DnsServer(self, binds, upstreams=self._upstreams())
-        try:
-            await self.dns.start()
-        except OSError as exc:
-            if not for_containers:
-                raise TrafficStartError(
-                    f"--dns {self.dns_addr[0]}:{self.dns_addr[1]}: {exc}"
-                ) from None
-            # The container listener needs port 53 (root); the host one matters more.
-            log.warning("containers get no mesh DNS: %s", exc)
-            self.dns = DnsServer(self, [self.dns_addr], upstreams=self._upstreams())
-            try:
-                await self.dns.start()
-            except OSError as exc2:
-                raise TrafficStartError(
-                    f"--dns {self.dns_addr[0]}:{self.dns_addr[1]}: {exc2}"
-                ) from None
+        host_addr: Addr = (self.dns_addr[0], self.dns_addr[1])
+        self.dns = await self._serve_dns(host_addr, required=host_addr != DEFAULT_DNS)
+        if self.host_address is None:
             return
-        if for_containers:
-            self.controller.dns = (self.host_address,)  # type: ignore[assignment]
+        container = (self.host_address, CONTAINER_DNS_PORT)
+        if container == host_addr:
+            served = self.dns
+        else:
+            served = self.container_dns = await self._serve_dns(container, required=False)
+        if served is not None:
+            self.controller.dns = (self.host_address,)
             self.controller.dns_search = (DOMAIN.to_text(omit_final_dot=True),)
+
+    async def _serve_dns(self, addr: Addr, *, required: bool) -> DnsServer | None:
+        server = DnsServer(self, [addr], upstreams=self._upstreams())
+        try:
+            await server.start()
+        except OSError as exc:
+            if required:
+                raise TrafficStartError(f"--dns {addr[0]}:{addr[1]}: {exc}") from None
+            log.warning("no mesh DNS on %s:%d: %s", addr[0], addr[1], exc)
+            return None
+        return server
 
     def _upstreams(self) -> list[Addr] | None:
         return None if self.dns_upstreams is None else list(self.dns_upstreams)
 
     async def stop(self) -> None:
         self.routes.stop()
-        if self.dns is not None:
-            with contextlib.suppress(Exception):
-                await self.dns.stop()
+        for server in (self.dns, self.container_dns):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    await server.stop()
         if self.mesh is not None:
             await self.mesh.stop()
 
@@ -209,5 +224,5 @@ class Traffic:
             "routes": dict(self.routes.stats),
             "mesh": dict(self.mesh.stats) if self.mesh else {},
             "listeners": self.mesh.describe() if self.mesh else [],
-            "dns": dict(self.dns.stats) if self.dns else {},
+            "dns": _sum_stats(s.stats for s in (self.dns, self.container_dns) if s is not None),
         }

@@ -22,8 +22,8 @@ import dns.rdatatype
 import pytest
 from conftest import async_wait_for
 
-from meshd.agent import Agent
-from meshd.config import load_config
+from meshd.agent import Agent, StartError
+from meshd.config import DEFAULT_DNS, load_config
 from meshd.spec import ServiceSpec
 
 pytestmark = pytest.mark.integration
@@ -211,3 +211,40 @@ async def test_tcp_port_forwards_connections(tmp_path: Path) -> None:
                 seen[body[0]] += 1
                 assert len(body) == 1  # L4 adds no X-Forwarded-For
         assert sorted(seen.values()) == [3, 3]
+
+
+def agent_config(tmp: Path, *more: str) -> Any:
+    return load_config(
+        [
+            "--node", "solo",
+            "--bind", f"{HOST}:0",
+            "--api", f"{HOST}:0",
+            "--data-dir", str(tmp / "data"),
+            "--no-mdns",
+            "--driver", "process",
+            "--profile", "local",
+            *more,
+        ],
+        {},
+    )  # fmt: skip
+
+
+async def test_a_taken_dns_address_fails_the_start_only_when_chosen(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind((HOST, 0))
+        port = taken.getsockname()[1]
+        agent = Agent(agent_config(tmp_path, "--dns", f"{HOST}:{port}"))
+        with pytest.raises(StartError, match=f"--dns {HOST}:{port}"):
+            await agent.start()
+
+    # At the default address a clash (a second agent on this host) costs the
+    # DNS listener only: the agent starts and says so.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        with contextlib.suppress(OSError):  # taken by something else: the same case
+            holder.bind(DEFAULT_DNS)
+        agent = Agent(agent_config(tmp_path))
+        await agent.start()
+        try:
+            assert agent.traffic is not None and agent.traffic.dns is None
+        finally:
+            await agent.stop(leave=True)

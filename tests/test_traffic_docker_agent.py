@@ -98,8 +98,8 @@ async def test_container_calls_another_service_by_name(tmp_path: Path) -> None:
         assert agent.traffic is not None
         gateway = agent.traffic.host_address
         assert gateway, "the engine's bridge has a gateway address"
-        dns = agent.traffic.dns
-        assert dns is not None and (gateway, 53) in dns.addresses, "DNS for containers"
+        dns = agent.traffic.container_dns
+        assert dns is not None and dns.addresses == [(gateway, 53)], "DNS for containers"
 
         web = service(
             "web",
