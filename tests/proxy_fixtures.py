@@ -30,12 +30,43 @@ LOOPS = ("asyncio", "uvloop")
 HOST = "127.0.0.1"
 
 
+_open: list[Any] = []
+"""Listeners, proxies and client connections of the running scenario, closed at its end."""
+
+
+def track(thing: Any) -> Any:
+    _open.append(thing)
+    return thing
+
+
+async def _close_tracked() -> None:
+    things = list(reversed(_open))
+    _open.clear()
+    for thing in things:  # proxies first (their clients), then client sockets, then listeners
+        if hasattr(thing, "close_all"):
+            thing.close_all()
+    for thing in things:
+        if isinstance(thing, asyncio.StreamWriter):
+            thing.transport.abort()
+    for thing in things:
+        if hasattr(thing, "sockets"):  # a listener (uvloop's is no asyncio.AbstractServer)
+            thing.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await thing.wait_closed()
+    await asyncio.sleep(0)  # let the closed transports finish
+
+
 def run_on(kind: str, scenario: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
     """Run one scenario on a fresh loop of the given kind, bounded in time."""
 
     async def main() -> Any:
-        async with asyncio.timeout(timeout):
-            return await scenario()
+        _open.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                return await scenario()
+        finally:
+            await _close_tracked()
 
     if kind == "uvloop":
         return uvloop.run(main())
@@ -94,7 +125,27 @@ def assert_balanced(router: Router) -> None:
 async def serve(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.AbstractServer, int]:
     """A proxy (or any protocol factory) listening on an ephemeral loopback port."""
     server = await asyncio.get_running_loop().create_server(factory, HOST, 0)
+    track(server)
+    if hasattr(factory, "close_all"):
+        track(factory)
     return server, server.sockets[0].getsockname()[1]
+
+
+async def connect(
+    port: int, *, rcvbuf: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connection to a loopback port; ``rcvbuf`` shrinks its kernel receive buffer
+    (set before connecting, so the window is small from the start): a slow reader."""
+    if rcvbuf is None:
+        reader, writer = await asyncio.open_connection(HOST, port)
+    else:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+    track(writer)
+    return reader, writer
 
 
 # ----- an aiohttp backend ---------------------------------------------------------
@@ -309,9 +360,8 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int) -> RawClient:
-        reader, writer = await asyncio.open_connection(HOST, port)
-        return cls(reader, writer)
+    async def connect(cls, port: int, *, rcvbuf: int | None = None) -> RawClient:
+        return cls(*await connect(port, rcvbuf=rcvbuf))
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)

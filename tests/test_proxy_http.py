@@ -636,11 +636,7 @@ def test_a_pooled_connection_is_never_left_paused(run: Run) -> None:
 
         async with raw_backends(backend) as (b,):
             proxy, port = await proxy_for(make_router([("a", "n1", b.port)]))
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect((HOST, port))
-            reader, writer = await asyncio.open_connection(sock=sock)
-            slow = RawClient(reader, writer)  # reads nothing until told
+            slow = await RawClient.connect(port, rcvbuf=4096)  # reads nothing until told
             client_side = await async_wait_for(lambda: next(iter(proxy.clients), None))
             client_side.transport.get_extra_info("socket").setsockopt(
                 socket.SOL_SOCKET, socket.SO_SNDBUF, 4096

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,10 +12,10 @@ from typing import Any
 import pytest
 from conftest import async_wait_for
 from proxy_fixtures import (
-    HOST,
     LOOPS,
     assert_balanced,
     blackhole,
+    connect,
     make_router,
     raw_backends,
     refused_port,
@@ -87,7 +86,7 @@ async def proxy_for(router: Router | None, connect_timeout: float = 1.0) -> tupl
 
 
 async def who(port: int) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = await connect(port)
     name = (await reader.readline()).decode().strip()
     return name, reader, writer
 
@@ -100,7 +99,7 @@ def test_bytes_flow_both_ways(run: Run) -> None:
         async with raw_backends(echo) as (b,):
             router = make_router([("a", "n1", b.port)])
             proxy, port = await proxy_for(router)
-            reader, writer = await asyncio.open_connection(HOST, port)
+            reader, writer = await connect(port)
             for i in range(20):
                 writer.write(b"line %d\n" % i)
                 assert await reader.readline() == b"line %d\n" % i
@@ -149,7 +148,7 @@ def test_large_transfers_arrive_intact(run: Run) -> None:
     async def scenario() -> None:
         async with raw_backends(ready_then_count) as (b,):
             _, port = await proxy_for(make_router([("a", "n1", b.port)]))
-            reader, writer = await asyncio.open_connection(HOST, port)
+            reader, writer = await connect(port)
             assert await reader.readline() == b"ready\n"
             data = bytes(range(256)) * (8 * MB // 256)
             writer.write(data)
@@ -205,7 +204,7 @@ def test_a_replica_that_does_not_accept_times_out_and_another_is_tried(run: Run)
             async with raw_backends(count_then_answer) as (b,):
                 router = make_router([("hole", "n1", hole), ("good", "n2", b.port)])
                 proxy, port = await proxy_for(router, connect_timeout=0.2)
-                reader, writer = await asyncio.open_connection(HOST, port)
+                reader, writer = await connect(port)
                 writer.write(b"sent before any replica answered")  # held, then delivered
                 writer.write_eof()
                 answer = await reader.read()
@@ -231,7 +230,7 @@ def test_much_data_before_the_upstream_connects_still_flows(run: Run) -> None:
             async with raw_backends(count_then_answer) as (b,):
                 router = make_router([("hole", "n1", hole), ("good", "n2", b.port)])
                 _, port = await proxy_for(router, connect_timeout=0.2)
-                reader, writer = await asyncio.open_connection(HOST, port)
+                reader, writer = await connect(port)
                 data = b"y" * MB
                 writer.write(data)
                 async with asyncio.timeout(1.0):
@@ -251,7 +250,7 @@ def test_no_replica_closes_the_client(run: Run) -> None:
     async def scenario() -> None:
         for router in (None, make_router([])):
             proxy, port = await proxy_for(router)
-            reader, _ = await asyncio.open_connection(HOST, port)
+            reader, _ = await connect(port)
             assert await reader.read() == b""
             assert proxy.stats["no_endpoint"] == 1
             await async_wait_for(lambda p=proxy: p.active() == 0, timeout=2.0)
@@ -263,7 +262,7 @@ def test_all_replicas_refusing_closes_the_client_after_three_tries(run: Run) -> 
     async def scenario() -> None:
         router = make_router([(f"r{i}", f"n{i}", refused_port()) for i in range(4)])
         proxy, port = await proxy_for(router)
-        reader, _ = await asyncio.open_connection(HOST, port)
+        reader, _ = await connect(port)
         assert await reader.read() == b""
         assert proxy.stats["connect_failures"] == 3
         assert proxy.stats["no_endpoint"] == 1
@@ -278,7 +277,7 @@ def test_a_client_leaving_at_once_leaves_nothing_behind(run: Run) -> None:
             router = make_router([("a", "n1", b.port)], policy="least_conn")
             proxy, port = await proxy_for(router)
             for _ in range(20):
-                _, writer = await asyncio.open_connection(HOST, port)
+                _, writer = await connect(port)
                 writer.transport.abort()
             await async_wait_for(lambda: proxy.active() == 0, timeout=2.0)
             await async_wait_for(lambda: router.policy.outstanding("a") == 0, timeout=2.0)
@@ -293,7 +292,7 @@ def test_client_half_close_reaches_the_replica_and_its_answer_comes_back(run: Ru
     async def scenario() -> None:
         async with raw_backends(count_then_answer) as (b,):
             proxy, port = await proxy_for(make_router([("a", "n1", b.port)]))
-            reader, writer = await asyncio.open_connection(HOST, port)
+            reader, writer = await connect(port)
             writer.write(b"12345")
             await writer.drain()
             writer.write_eof()  # the replica answers only after it sees this
@@ -315,7 +314,7 @@ def test_replica_half_close_reaches_the_client_which_may_still_send(run: Run) ->
     async def scenario() -> None:
         async with raw_backends(speaks_first) as (b,):
             proxy, port = await proxy_for(make_router([("a", "n1", b.port)]))
-            reader, writer = await asyncio.open_connection(HOST, port)
+            reader, writer = await connect(port)
             assert await reader.read() == b"banner"  # EOF seen by the client
             writer.write(b"still talking")
             await writer.drain()
@@ -341,10 +340,7 @@ def test_a_slow_client_pauses_the_replica_instead_of_buffering(run: Run) -> None
 
         async with raw_backends(firehose) as (b,):
             proxy, port = await proxy_for(make_router([("a", "n1", b.port)]))
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            sock.connect((HOST, port))
-            reader, writer = await asyncio.open_connection(sock=sock)
+            reader, writer = await connect(port, rcvbuf=16384)
             client = await async_wait_for(lambda: next(iter(proxy.clients), None), timeout=2.0)
             await async_wait_for(
                 lambda: client.upstream is not None and not client.upstream.is_reading(),
@@ -377,7 +373,7 @@ def test_a_slow_replica_pauses_the_client_instead_of_buffering(run: Run) -> None
 
         async with raw_backends(late_reader) as (b,):
             proxy, port = await proxy_for(make_router([("a", "n1", b.port)]))
-            reader, writer = await asyncio.open_connection(HOST, port)
+            reader, writer = await connect(port)
             assert await reader.readline() == b"ready\n"
             data = b"q" * total
             writer.write(data)
