@@ -54,7 +54,6 @@ async def _close_tracked() -> None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await thing.wait_closed()
-    await asyncio.sleep(0)  # let the closed transports finish
 
 
 def run_on(kind: str, scenario: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
