@@ -207,10 +207,6 @@ def test_forwarding_headers_from_the_client_are_kept_or_extended(run: Run) -> No
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="only the last X-Forwarded-For line is kept: _build_head overwrites xff per line",
-)
 def test_every_x_forwarded_for_line_is_kept(run: Run) -> None:
     async def scenario() -> None:
         async with http_backends("a") as bs:
@@ -360,11 +356,6 @@ def test_head_204_and_304_have_no_body_and_the_connection_goes_on(run: Run) -> N
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a bodiless response (HEAD, 304) whose head says Transfer-Encoding: chunked gets "
-    "a stray 0-chunk: _finish writes the terminator whenever response_chunked is set",
-)
 @pytest.mark.parametrize("request_line", [b"HEAD / HTTP/1.1", b"GET /304 HTTP/1.1"])
 def test_bodiless_responses_with_a_chunked_head_add_nothing(run: Run, request_line: bytes) -> None:
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -485,13 +476,6 @@ def test_a_replica_closing_after_its_answer_is_not_pooled(run: Run) -> None:
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after an upgrade request the replica refused (a plain 200), the client "
-    "connection stays in upgrade mode: data_received sends every later byte raw to "
-    "ex.conn (by then back in the pool, or closed), so the next request is never "
-    "answered (and reaches the replica unrewritten, on a pooled connection)",
-)
 def test_a_refused_upgrade_leaves_the_connection_usable(run: Run) -> None:
     seen: list[bytes] = []
 
@@ -556,11 +540,6 @@ def test_many_pipelined_requests_beyond_the_queue_limit(run: Run) -> None:
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a chunked body of a request queued behind another is stored unframed: "
-    "ex.chunked is only set by _build_head at dispatch, after on_body already ran",
-)
 def test_a_pipelined_chunked_request_keeps_its_framing(run: Run) -> None:
     async def scenario() -> None:
         async with http_backends("a") as bs:
@@ -602,15 +581,6 @@ def _queued(sock: Any, request: int) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a pooled connection can be left with reading paused: when the flush in "
-    "_Upstream._finish pushes the client's write buffer over its high-water mark, "
-    "_Client.pause_writing pauses the still-current exchange's upstream, which _finish "
-    "then releases to the pool; resume_writing later looks at current() (by then the "
-    "next exchange or none) and never resumes it, so the next request sent on that "
-    "connection gets no answer (until the response timeout)",
-)
 def test_a_pooled_connection_is_never_left_paused(run: Run) -> None:
     """The final bytes of a response fill a slow client's buffer: the replica's
     connection goes back to the pool and must still be read from."""
@@ -784,13 +754,6 @@ def test_a_stale_pooled_connection_is_retried_on_another_replica(run: Run) -> No
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a stale pooled connection excludes its own replica from the retry: "
-    "upstream_failed calls _report (which clears ex.endpoint) before "
-    "ex.tried.discard(ex.endpoint.id), so the discard is a no-op and with one replica "
-    "the retry finds none (502)",
-)
 def test_a_stale_pooled_connection_is_retried_on_the_same_replica(run: Run) -> None:
     async def scenario() -> None:
         answered: list[int] = []
@@ -867,12 +830,6 @@ def test_503_without_a_replica(run: Run) -> None:
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 503 closes the client connection even for a complete bodiless request: "
-    "dispatch runs from on_headers_complete, before on_message_complete sets body_done, "
-    "so _answer_error takes the close branch",
-)
 def test_503_keeps_a_keep_alive_connection(run: Run) -> None:
     async def scenario() -> None:
         _, port = await proxy_for(make_router([]))
@@ -966,12 +923,6 @@ def test_websocket_passes_through(run: Run) -> None:
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a tunnel closed by both ends (FIN each way) is never released: both "
-    "eof_received handlers return True in tunnel mode and nothing closes the transports "
-    "once both directions ended, so the client stays in proxy.clients with its sockets open",
-)
 def test_a_closed_websocket_releases_its_connections(run: Run) -> None:
     async def scenario() -> None:
         async with http_backends("a") as bs:
@@ -1024,11 +975,6 @@ def test_a_malformed_request_closes_the_connection_and_is_counted(run: Run, junk
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no 400 is written: on_message_begin already queued the bad request's exchange, "
-    "so the 'not self.queue or self.queue[-1].sent' test in data_received is false",
-)
 @pytest.mark.parametrize(
     "junk",
     [b"NOT AN HTTP REQUEST\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n"],
@@ -1153,12 +1099,6 @@ def test_a_client_half_close_still_gets_its_answer(run: Run) -> None:
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a client's half-close only the first queued request is answered: "
-    "eof_received sets keep_alive=False on every queued exchange, so exchange_done "
-    "closes the connection after the first instead of after the last",
-)
 def test_a_client_half_close_gets_every_pipelined_answer(run: Run) -> None:
     async def scenario() -> None:
         async with http_backends("a") as bs:

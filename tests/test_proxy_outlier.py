@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -112,17 +111,14 @@ def test_a_replica_healthy_long_enough_starts_again_from_one() -> None:
     d.on_result("a", True, 40.0)  # healthy, but only 40 s after the last ejection
     fail(d, "a", 3, now=41.0)
     assert d.next_return(41.0) == 71.0  # the third: 30 s
-    d.on_result("a", True, 141.0)  # 100 s after the ejection at 41
-    fail(d, "a", 3, now=142.0)
-    assert d.next_return(142.0) == 152.0  # back to the base
+    d.on_result("a", True, 140.0)  # only 69 s after its return at 71
+    fail(d, "a", 3, now=141.0)
+    assert d.next_return(141.0) == 176.0  # the fourth: 40 s, capped at 35
+    d.on_result("a", True, 276.0)  # 100 s after its return at 176
+    fail(d, "a", 3, now=277.0)
+    assert d.next_return(277.0) == 287.0  # back to the base
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="forgiveness is measured from when the last ejection began, not from the "
-    "replica's return: a replica ejected for as long as forgive_s is forgiven by its "
-    "first success after coming back",
-)
 def test_forgiveness_needs_forgive_s_of_health_after_the_return() -> None:
     d = detector(["a", "b"], OutlierConfig(consecutive=3, base_s=10, max_s=100, forgive_s=30))
     fail(d, "a", 3, now=0.0)  # 10 s, until 10

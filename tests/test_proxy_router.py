@@ -158,12 +158,13 @@ def test_ejection_never_takes_more_than_the_cap() -> None:
     assert set(picks(r, 20)) == {"c", "d"}
 
 
-def test_a_failed_lone_replica_leaves_nothing_to_pick() -> None:
-    """The documented floor (at least one may go) applies to a single replica too."""
+def test_a_failed_lone_replica_is_still_tried() -> None:
+    """Ejected, but the only one: trying it beats refusing every request."""
     r = router(("only",))
     fail(r, "only", 3)
-    assert r.active == ()
-    assert r.pick("c") is None
+    assert r.outliers.ejected(r.clock()) == {"only"}
+    assert [ep.id for ep in r.active] == ["only"]
+    assert r.pick("c").id == "only"  # type: ignore[union-attr]
 
 
 def test_an_ejected_replica_stays_out_across_an_update_it_survives() -> None:

@@ -218,11 +218,6 @@ def test_a_replica_that_does_not_accept_times_out_and_another_is_tried(run: Run)
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reading from the client is paused once >256 KiB wait for the upstream connect "
-    "and never resumed after they are flushed",
-)
 def test_much_data_before_the_upstream_connects_still_flows(run: Run) -> None:
     async def scenario() -> None:
         listener, fillers, hole = blackhole()

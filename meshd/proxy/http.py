@@ -114,6 +114,7 @@ class _Exchange:
         "conn",
         "deadline",
         "endpoint",
+        "error",
         "head",
         "headers",
         "keep_alive",
@@ -149,6 +150,8 @@ class _Exchange:
         self.started = 0.0
         self.deadline = 0.0
         self.tried: set[str] = set()
+        self.error: bytes = b""
+        """An answer of the proxy's own, sent once the request's body has been read."""
 
 
 class _Upstream(asyncio.Protocol):
@@ -231,7 +234,7 @@ class _Upstream(asyncio.Protocol):
             t = self.client.transport
             if t.can_write_eof() and not t.is_closing():
                 t.write_eof()
-            return True
+            return self.client.tunnel_eof()
         return False
 
     def pause_writing(self) -> None:
@@ -307,6 +310,7 @@ class _Upstream(asyncio.Protocol):
         self.exchange = None
         self.client = None
         if keep_alive and ex.body_done:
+            self.transport.resume_reading()  # the client may have paused it; idle must read
             self.pool.release(self)
         else:
             self.close()
@@ -393,6 +397,7 @@ class _Client(asyncio.Protocol):
     """One client connection: requests parsed, queued and answered in order."""
 
     __slots__ = (
+        "broken",
         "client_ip",
         "closed",
         "last_active",
@@ -403,7 +408,10 @@ class _Client(asyncio.Protocol):
         "queue",
         "transport",
         "tunnel",
+        "tunnel_eofs",
+        "upgrade_buffer",
         "upgrading",
+        "write_paused",
     )
 
     def __init__(self, proxy: HttpProxy) -> None:
@@ -411,6 +419,12 @@ class _Client(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
         self.upgrading: _Exchange | None = None
+        self.upgrade_buffer: list[bytes] = []
+        """Bytes after an upgrade request: the tunnel's if the replica agrees, else requests."""
+        self.tunnel_eofs = 0
+        self.write_paused = False
+        self.broken = ""
+        """A request could not be parsed: answer 400 after those before it, then close."""
         self.queue: deque[_Exchange] = deque()
         self.parsing: _Exchange | None = None
         self.closed = False
@@ -445,41 +459,58 @@ class _Client(asyncio.Protocol):
             self._early_tunnel_bytes(data[upgrade.args[0] :])
         except httptools.HttpParserError as exc:
             self.proxy.stats["bad_requests"] += 1
-            if not self.queue or self.queue[-1].sent:
-                self.transport.write(_error_response(400, f"bad request: {exc}", True))
-            self.close()
+            bad = self.parsing
+            if bad is not None and self.queue and self.queue[-1] is bad and not bad.sent:
+                self.queue.pop()  # never sent: the requests before it are still answered
+                self._report(bad, ok=True)
+            self.parsing = None
+            self.broken = f"bad request: {exc}"
+            self.transport.pause_reading()
+            if not self.queue:
+                self.transport.write(_error_response(400, self.broken, True))
+                self.close()
 
     def _early_tunnel_bytes(self, data: bytes) -> None:
-        """Bytes after an upgrade request, before the replica agreed: they follow the head."""
-        ex = self.upgrading
-        if ex is None or not data:
-            return
-        ex.keep_alive = False  # if the replica refuses the upgrade, the stream is unusable
-        conn = ex.conn
-        if ex.sent and conn is not None and not conn.closed:
-            conn.transport.write(data)
-        else:
-            ex.body.append(data)
+        """Bytes after an upgrade request: held until the replica answers it."""
+        if data:
+            self.upgrade_buffer.append(data)
+            if sum(map(len, self.upgrade_buffer)) > RETRY_BODY_LIMIT and not self.paused:
+                self.paused = True
+                self.transport.pause_reading()
+
+    def _upgrade_refused(self) -> None:
+        """The replica answered the upgrade with a plain response: back to HTTP."""
+        self.upgrading = None
+        self.parser = httptools.HttpRequestParser(self)
+        held, self.upgrade_buffer = self.upgrade_buffer, []
+        if self.paused and len(self.queue) <= MAX_PIPELINED:
+            self.paused = False
+            self.transport.resume_reading()
+        for data in held:
+            if self.closed or self.tunnel is not None:
+                break
+            self.data_received(data)
 
     def eof_received(self) -> bool:
         if self.tunnel is not None:
             t = self.tunnel.transport
             if t.can_write_eof() and not t.is_closing():
                 t.write_eof()
-            return True
+            return self.tunnel_eof()
         if self.queue:  # answer what was asked, then close
-            for ex in self.queue:
-                ex.keep_alive = False
+            self.queue[-1].keep_alive = False
             return True
         return False
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         ex = self.current()
         conn = self.tunnel or (ex.conn if ex is not None else None)
         if conn is not None and not conn.closed:
             conn.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         ex = self.current()
         conn = self.tunnel or (ex.conn if ex is not None else None)
         if conn is not None and not conn.closed:
@@ -522,12 +553,17 @@ class _Client(asyncio.Protocol):
         ex.version = p.get_http_version()
         ex.keep_alive = p.should_keep_alive()
         ex.upgrade = p.should_upgrade()
+        for name, value in ex.headers:
+            if name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
+                ex.chunked = True
         if ex is self.queue[0]:
             self.dispatch(ex)
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         assert ex is not None
+        if ex.error:
+            return  # answered by the proxy itself: the body goes nowhere
         data = _chunk(body) if ex.chunked else body
         ex.body_bytes += len(body)
         if ex.sent and ex.conn is not None and not ex.conn.closed:
@@ -550,6 +586,10 @@ class _Client(asyncio.Protocol):
         assert ex is not None
         ex.body_done = True
         self.parsing = None
+        if ex.error:
+            if ex is self.current():
+                self._write_error(ex)
+            return
         if ex.chunked:
             if ex.sent and ex.conn is not None and not ex.conn.closed:
                 ex.conn.transport.write(b"0\r\n\r\n")
@@ -601,7 +641,9 @@ class _Client(asyncio.Protocol):
         except (OSError, TimeoutError) as exc:
             proxy.stats["connect_failures"] += 1
             if not self.closed and ex is self.current():
-                self.upstream_failed(ex, f"cannot connect to a replica: {exc!r}", retry=True)
+                self.upstream_failed(
+                    ex, f"cannot connect to a replica: {exc!r}", retry=True, unsent=True
+                )
             else:
                 self._report(ex, ok=False)
             return
@@ -613,6 +655,8 @@ class _Client(asyncio.Protocol):
 
     def _send(self, ex: _Exchange, conn: _Upstream) -> None:
         ex.sent = True
+        if self.write_paused:
+            conn.transport.pause_reading()
         conn.send(self, ex)
         if self.paused and len(self.queue) <= MAX_PIPELINED:
             self.paused = False
@@ -622,15 +666,22 @@ class _Client(asyncio.Protocol):
         if not ex.replayable:
             ex.body = []
 
-    def upstream_failed(self, ex: _Exchange, why: str, *, retry: bool, stale: bool = False) -> None:
-        """The replica failed before answering: retry elsewhere when safe, else answer an error."""
+    def upstream_failed(
+        self, ex: _Exchange, why: str, *, retry: bool, stale: bool = False, unsent: bool = False
+    ) -> None:
+        """The replica failed before answering: retry elsewhere when safe, else answer an error.
+
+        ``unsent``: nothing reached the replica (the connect failed), so any
+        method may go elsewhere; otherwise only idempotent ones.
+        """
         proxy = self.proxy
         if ex.conn is not None:
             ex.conn = None
+        failed_id = ex.endpoint.id if ex.endpoint is not None else ""
         self._report(ex, ok=stale)
         can_retry = (
             retry
-            and ex.method in IDEMPOTENT
+            and (unsent or ex.method in IDEMPOTENT)
             and ex.replayable
             and not ex.response_started
             and (stale or len(ex.tried) <= RETRIES)
@@ -638,7 +689,7 @@ class _Client(asyncio.Protocol):
         if can_retry and not self.closed:
             proxy.stats["retries"] += 1
             if stale:  # a pooled connection the replica had closed: same replica is fine
-                ex.tried.discard(ex.endpoint.id if ex.endpoint else "")
+                ex.tried.discard(failed_id)
             ex.sent = False
             self.dispatch(ex)
             return
@@ -662,8 +713,9 @@ class _Client(asyncio.Protocol):
                 if ex.version == "1.0":
                     continue
             out.append(name + b": " + value + b"\r\n")
-        conn.response_chunked = chunked and ex.version != "1.0"
-        if chunked and ex.version == "1.0":
+        bodiless = ex.method == b"HEAD" or status in (204, 304)
+        conn.response_chunked = chunked and ex.version != "1.0" and not bodiless
+        if chunked and ex.version == "1.0" and not bodiless:
             ex.keep_alive = False  # a body without length ends with the connection
         if not ex.keep_alive and status != 101:
             out.append(b"Connection: close\r\n")
@@ -687,6 +739,14 @@ class _Client(asyncio.Protocol):
         if not ex.keep_alive:
             self.close()
             return
+        if self.broken and not self.queue:
+            self.transport.write(_error_response(400, self.broken, True))
+            self.close()
+            return
+        if self.upgrading is ex:
+            self._upgrade_refused()
+            if self.closed:
+                return
         if self.paused and len(self.queue) <= MAX_PIPELINED:
             self.paused = False
             self.transport.resume_reading()
@@ -696,8 +756,25 @@ class _Client(asyncio.Protocol):
     def tunnel_to(self, conn: _Upstream) -> None:
         """``101``: from now on bytes flow as they are, both ways."""
         self.tunnel = conn
+        self.upgrading = None
         self.proxy.stats["upgrades"] += 1
         self.queue.clear()
+        held, self.upgrade_buffer = self.upgrade_buffer, []
+        if held:
+            conn.transport.write(b"".join(held))
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def tunnel_eof(self) -> bool:
+        """One side of the tunnel finished sending; both done closes it."""
+        self.tunnel_eofs += 1
+        if self.tunnel_eofs >= 2:
+            self.close()
+            if self.tunnel is not None:
+                self.tunnel.close()
+            return False
+        return True
 
     # -- helpers
 
@@ -710,13 +787,18 @@ class _Client(asyncio.Protocol):
         ex.endpoint = None
 
     def _answer_error(self, ex: _Exchange, status: int, message: str) -> None:
+        """Answer ``ex`` with an error of the proxy's own once its body has been read."""
         self.proxy.stats[f"errors_{status}"] += 1
-        close = not ex.keep_alive or not ex.body_done
-        self.transport.write(_error_response(status, message, close))
-        if close:
-            self.close()
-            return
-        ex.keep_alive = True
+        ex.error = _error_response(status, message, not ex.keep_alive)
+        ex.body = []
+        if ex.body_done:
+            self._write_error(ex)
+        elif self.paused and len(self.queue) <= MAX_PIPELINED:
+            self.paused = False  # read the rest of the body, to throw it away
+            self.transport.resume_reading()
+
+    def _write_error(self, ex: _Exchange) -> None:
+        self.transport.write(ex.error)
         self.exchange_done(ex)
 
     def abort(self, why: str) -> None:
@@ -763,7 +845,7 @@ class _Client(asyncio.Protocol):
             lname = name.lower()
             if lname in HOP_BY_HOP or lname in drop:
                 if lname == b"x-forwarded-for":
-                    xff = value
+                    xff = xff + b", " + value if xff else value
                 continue
             if lname == b"host":
                 host = value
@@ -773,8 +855,6 @@ class _Client(asyncio.Protocol):
                 have_host = True
             elif lname == b"x-request-id":
                 have_id = True
-            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
-                ex.chunked = True
             out += (name, b": ", value, b"\r\n")
         ip = self.client_ip.encode()
         out += (b"X-Forwarded-For: ", xff + b", " + ip if xff else ip, b"\r\n")

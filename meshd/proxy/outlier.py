@@ -29,7 +29,7 @@ class OutlierConfig:
     max_percent: int = 50
     """Never eject more than this share of the replicas (at least one may go)."""
     forgive_s: float = 300.0
-    """A replica healthy this long after its last ejection starts again from one."""
+    """A replica healthy this long after its last ejection ended starts again from one."""
 
 
 @dataclass(slots=True)
@@ -59,7 +59,7 @@ class OutlierDetector:
             return False
         if ok:
             rec.failures = 0
-            if rec.ejections and now - rec.last_ejected >= self.config.forgive_s:
+            if rec.ejections and now - rec.until >= self.config.forgive_s:
                 rec.ejections = 0
             return False
         rec.failures += 1

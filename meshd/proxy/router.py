@@ -56,7 +56,8 @@ class Router:
 
     def _apply(self, now: float) -> None:
         ejected = self.outliers.ejected(now)
-        self.active = tuple(ep for ep in self.endpoints if ep.id not in ejected)
+        # Every replica ejected (a service of one): better to try them than refuse all.
+        self.active = tuple(ep for ep in self.endpoints if ep.id not in ejected) or self.endpoints
         self.policy.update(self.active)
         back = self.outliers.next_return(now)
         self._recheck = math.inf if back is None else back

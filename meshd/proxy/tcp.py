@@ -158,6 +158,7 @@ class _Client(asyncio.Protocol):
         if self.pending:
             transport.write(b"".join(self.pending))
             self.pending.clear()
+            self.transport.resume_reading()  # paused if the client sent a lot meanwhile
         if "client" in self.eofs and transport.can_write_eof():
             transport.write_eof()
 
