@@ -35,7 +35,8 @@ one repeat to the next), every load run bounded by ``--duration``:
   connection and scale the count by target/measured rate, at most four
   tries. Then the proxy runs at that count for ``--duration``, then the
   backend directly at the same count; the added latency is the difference of
-  the two p99s (wrk's latency histogram, read in its Lua ``done()`` hook).
+  the two p99s (wrk's latency histogram, read in its Lua ``done()`` hook);
+  the difference of the medians is reported too (``*_p50_added_ms``).
 * route change (meshd only): a second service (busybox httpd with an HTTP
   health check) is scaled 1 -> 2 -> 1 ... ``--route-changes`` times; each
   sample is the time from sending the scale request to the agent's
@@ -415,6 +416,7 @@ def repeat(bench: Bench, r: int) -> None:
         alone = bench.load(direct, "half_load_direct", conns, args.duration)
         added = through.p99_ms - alone.p99_ms
         bench.sample(f"{t.key}_p99_added_ms", added)
+        bench.sample(f"{t.key}_p50_added_ms", through.p50_ms - alone.p50_ms)
         bench.half_load.append({
             "repeat": r,
             "target": t.key,
@@ -422,8 +424,10 @@ def repeat(bench: Bench, r: int) -> None:
             "conns": conns,
             "calibration_rps": {str(c): round(v, 1) for c, v in tried.items()},
             "rps": round(through.rps, 1),
+            "p50_ms": round(through.p50_ms, 3),
             "p99_ms": round(through.p99_ms, 3),
             "direct_rps": round(alone.rps, 1),
+            "direct_p50_ms": round(alone.p50_ms, 3),
             "direct_p99_ms": round(alone.p99_ms, 3),
         })  # fmt: skip
         log(
@@ -517,6 +521,9 @@ def summarize(bench: Bench, changes: dict[str, Any] | None, meta: dict[str, Any]
         "l7_p99_added_ms": m("meshd_l7_p99_added_ms", 3),
         "haproxy_http_p99_added_ms": m("haproxy_http_p99_added_ms", 3),
         "nginx_http_p99_added_ms": m("nginx_http_p99_added_ms", 3),
+        "l7_p50_added_ms": m("meshd_l7_p50_added_ms", 3),
+        "haproxy_http_p50_added_ms": m("haproxy_http_p50_added_ms", 3),
+        "nginx_http_p50_added_ms": m("nginx_http_p50_added_ms", 3),
         "direct_rps": m("direct_rps"),
         "direct_mbps": m("direct_mbps"),
         "route_change_p50_ms": None,
@@ -577,12 +584,13 @@ def print_table(report: dict[str, Any]) -> None:
         ("HAProxy mode http", "haproxy_http"),
         ("nginx proxy_pass", "nginx_http"),
     ]
-    head = f"{'':20} {'req/s':>24} {'MB/s (64 MiB)':>22} {'p99 added at half load (ms)':>28}"
-    print(head)
+    print(
+        f"{'':18} {'req/s':>22} {'MB/s (64 MiB)':>18} {'added at half load (ms): p50':>30} {'p99':>20}"
+    )
     for label, key in rows:
         print(
-            f"{label:20} {cell(key + '_rps'):>24} {cell(key + '_mbps'):>22}"
-            f" {cell(key + '_p99_added_ms', 3):>28}"
+            f"{label:18} {cell(key + '_rps'):>22} {cell(key + '_mbps'):>18}"
+            f" {cell(key + '_p50_added_ms', 3):>30} {cell(key + '_p99_added_ms', 3):>20}"
         )
     print()
     for key, text in report["targets"].items():
