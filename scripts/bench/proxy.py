@@ -12,6 +12,11 @@ L4); HAProxy and nginx are pointed at the same host ports, which are read
 from ``GET /v1/services/<name>/endpoints`` (or the replicas list on an agent
 without it).
 
+The peers are configured as one would for this job: HAProxy with
+``nbthread 1``, ``http-reuse always`` for ``mode http`` and splicing for
+``mode tcp`` (without it, its 16 kB buffers halve its bulk rate); nginx with
+one worker and a keep-alive upstream pool. See proxykit/peers.py.
+
 Pinning: each proxy under test (the meshd agent with all its threads,
 HAProxy with one thread, nginx with one worker) runs on the proxy core
 (``--proxy-cpu``, default CPU 1); wrk (one thread) and the backend share the
