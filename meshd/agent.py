@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -41,6 +42,20 @@ JOIN_BACKOFF_FIRST = 0.5
 JOIN_BACKOFF_MAX = 30.0
 GC_INTERVAL = 60.0
 """How often tombstones past their lifetime are collected."""
+YOUNG_GC_THRESHOLD = 20_000
+"""Allocations between young-generation collections (Python's default: 700). The
+proxy allocates a few dozen short-lived objects per request, freed by reference
+counting; at the default, collections ran every few dozen requests and cost a
+fifth of the proxy's time. Cyclic garbage, rare here, just waits a little longer."""
+
+
+def tune_gc() -> None:
+    """Freeze what start-up built (modules, the agent) out of the collector's sight,
+    so full collections stay cheap however big the heap of imports is."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, older, oldest)
 
 
 class StartError(Exception):
@@ -504,6 +519,7 @@ async def run(config: AgentConfig, on_started: Callable[[Agent], None] | None = 
         agent.request_stop()
 
     await agent.start()
+    tune_gc()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     if on_started is not None:

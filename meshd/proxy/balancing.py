@@ -24,7 +24,7 @@ import hashlib
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
@@ -78,15 +78,29 @@ def _no_rtt(node: str) -> float | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
 class PickContext:
-    """What a policy may know about the request being placed."""
+    """What a policy may know about the request being placed.
 
-    client: str
-    hash_key: str | None = None
-    local_node: str = ""
-    rtt: Callable[[str], float | None] = field(default=_no_rtt)
-    now: float = 0.0
+    A plain slotted class rather than a frozen dataclass: the proxy builds
+    one per request, and a frozen dataclass's ``__init__`` costs several
+    times more. Policies only read it.
+    """
+
+    __slots__ = ("client", "hash_key", "local_node", "now", "rtt")
+
+    def __init__(
+        self,
+        client: str,
+        hash_key: str | None = None,
+        local_node: str = "",
+        rtt: Callable[[str], float | None] = _no_rtt,
+        now: float = 0.0,
+    ) -> None:
+        self.client = client
+        self.hash_key = hash_key
+        self.local_node = local_node
+        self.rtt = rtt
+        self.now = now
 
 
 class Policy(Protocol):
@@ -195,7 +209,9 @@ class RoundRobin(_Base):
     name = "round_robin"
 
     def _pick(self, ctx: PickContext) -> Endpoint:
-        return self._next_among(lambda i: True)
+        i = self._cursor
+        self._cursor = (i + 1) % len(self._eps)
+        return self._eps[i]
 
 
 class LeastConn(_Base):

@@ -62,6 +62,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 """Never forwarded as they came (``x-forwarded-for`` is rewritten with the client added)."""
+_CONNECTION_WORDS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+"""``Connection`` values that name no header."""
 _STATUS = {
     503: b"Service Unavailable",
     502: b"Bad Gateway",
@@ -553,9 +555,9 @@ class _Client(asyncio.Protocol):
         ex.version = p.get_http_version()
         ex.keep_alive = p.should_keep_alive()
         ex.upgrade = p.should_upgrade()
-        for name, value in ex.headers:
-            if name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
-                ex.chunked = True
+        ex.head = self._build_head(ex)
+        if ex.upgrade:
+            ex.replayable = False
         if ex is self.queue[0]:
             self.dispatch(ex)
 
@@ -609,10 +611,6 @@ class _Client(asyncio.Protocol):
             proxy.stats["no_endpoint"] += 1
             self._answer_error(ex, 503, f"no healthy replica of {proxy.name}")
             return
-        if not ex.head:
-            ex.head = self._build_head(ex)
-            if ex.upgrade:
-                ex.replayable = False
         key = self._hash_key(ex, router)
         ep = router.pick(self.client_ip, key, ex.tried)
         if ep is None:
@@ -830,22 +828,29 @@ class _Client(asyncio.Protocol):
                         return val.decode("latin-1")
         return None
 
-    def _build_head(self, ex: _Exchange) -> bytes:
-        proxy = self.proxy
+    def _build_head(self, ex: _Exchange, drop: frozenset[bytes] = frozenset()) -> bytes:
+        """The head sent upstream; notes whether the body is chunked.
+
+        One pass over the headers; a second one only when ``Connection`` names
+        more hop-by-hop headers (rare), which are then dropped too.
+        """
         out = [ex.method, b" ", ex.url, b" HTTP/1.1\r\n"]
         xff = b""
         host = b""
         have_proto = have_host = have_id = False
-        drop: tuple[bytes, ...] = ()
         for name, value in ex.headers:
             lname = name.lower()
-            if lname == b"connection":
-                drop = tuple(t.strip().lower() for t in value.split(b","))
-        for name, value in ex.headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP or lname in drop:
+            if lname in HOP_BY_HOP:
                 if lname == b"x-forwarded-for":
                     xff = xff + b", " + value if xff else value
+                elif lname == b"connection" and not drop:
+                    named = (
+                        frozenset(t.strip().lower() for t in value.split(b",")) - _CONNECTION_WORDS
+                    )
+                    if named:
+                        return self._build_head(ex, named)
+                continue
+            if lname in drop:
                 continue
             if lname == b"host":
                 host = value
@@ -855,6 +860,8 @@ class _Client(asyncio.Protocol):
                 have_host = True
             elif lname == b"x-request-id":
                 have_id = True
+            elif lname == b"transfer-encoding":
+                ex.chunked = b"chunked" in value.lower()
             out += (name, b": ", value, b"\r\n")
         ip = self.client_ip.encode()
         out += (b"X-Forwarded-For: ", xff + b", " + ip if xff else ip, b"\r\n")
@@ -863,7 +870,7 @@ class _Client(asyncio.Protocol):
         if not have_host and host:
             out += (b"X-Forwarded-Host: ", host, b"\r\n")
         if not have_id:
-            out += (b"X-Request-Id: ", proxy.next_request_id(), b"\r\n")
+            out += (b"X-Request-Id: ", self.proxy.next_request_id(), b"\r\n")
         if ex.upgrade:
             for name, value in ex.headers:
                 if name.lower() == b"upgrade":
