@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -62,6 +63,17 @@ HOP_BY_HOP = frozenset(
     }
 )
 """Never forwarded as they came (``x-forwarded-for`` is rewritten with the client added)."""
+_RESPONSE_HOP = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|upgrade)[ \t]*:[^\r\n]*", re.I
+)
+"""Hop-by-hop lines of a response head (``upgrade``/``connection`` stay on a 101)."""
+_RESPONSE_HOP_101 = re.compile(
+    rb"\r\n(?:keep-alive|proxy-connection|te|trailer)[ \t]*:[^\r\n]*", re.I
+)
+_CONNECTION_LINE = re.compile(rb"\r\nconnection[ \t]*:([^\r\n]*)", re.I)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*chunked", re.I)
+_TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*", re.I)
+_CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 _CONNECTION_WORDS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 """``Connection`` values that name no header."""
 _STATUS = {
@@ -101,7 +113,7 @@ def _error_response(status: int, message: str, close: bool) -> bytes:
     )
 
 
-def _chunk(data: bytes) -> bytes:
+def _chunk(data: bytes) -> bytes:  # request bodies: re-framed as they are streamed
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
@@ -156,21 +168,43 @@ class _Exchange:
         """An answer of the proxy's own, sent once the request's body has been read."""
 
 
+class _Dechunk:
+    """Decodes a chunked body for an HTTP/1.0 client, which cannot read chunks."""
+
+    __slots__ = ("conn", "parser")
+
+    def __init__(self, conn: _Upstream) -> None:
+        self.conn = conn
+        self.parser = httptools.HttpResponseParser(self)
+        self.parser.feed_data(_CHUNKED_HEAD)
+
+    def on_body(self, body: bytes) -> None:
+        self.conn.out.append(body)
+
+
 class _Upstream(asyncio.Protocol):
-    """A keep-alive connection to one replica; carries one exchange at a time."""
+    """A keep-alive connection to one replica; carries one exchange at a time.
+
+    Responses go to the client as they came, but for their head: llhttp
+    (without per-header callbacks) finds where the head ends and the message
+    ends, and only the head is rewritten, with a few regular expressions.
+    """
 
     __slots__ = (
+        "body_from",
         "client",
         "closed",
+        "dechunk",
         "endpoint",
         "exchange",
-        "headers",
+        "feeding",
+        "head_parts",
+        "head_start",
         "idle_since",
         "key",
         "out",
         "parser",
         "pool",
-        "response_chunked",
         "reused",
         "transport",
         "tunnel",
@@ -185,10 +219,17 @@ class _Upstream(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.client: _Client | None = None
         self.exchange: _Exchange | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_parts: list[bytes] = []
+        """Reads since the response began, until its head is complete."""
+        self.head_start = 0
+        """Where the head being read starts in ``head_parts`` (after interim heads)."""
+        self.body_from: int | None = None
+        """While the body is read: where it starts in the read being parsed."""
+        self.dechunk: _Dechunk | None = None
+        self.feeding = b""
+        """The read being parsed."""
         self.out: list[bytes] = []
         """Bytes for the client from one read, written together: one send, not three."""
-        self.response_chunked = False
         self.closed = False
         self.reused = False
         self.tunnel = False
@@ -211,19 +252,39 @@ class _Upstream(asyncio.Protocol):
             self.close()
             return
         client = self.client
+        if self.body_from is None:
+            self.head_parts.append(data)
+        else:
+            self.body_from = 0
+        self.feeding = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._flush(client)
             self._start_tunnel(data[upgrade.args[0] :])
+            return
         except httptools.HttpParserError as exc:
             self.pool.proxy.stats["bad_responses"] += 1
             client = self.client
             self.close()
             if client is not None and ex is client.current():
-                client.upstream_failed(ex, f"bad response from replica: {exc}", retry=False)
+                if ex.response_started:
+                    client.abort(f"bad response from replica: {exc}")
+                else:
+                    client.upstream_failed(ex, f"bad response from replica: {exc}", retry=False)
             return
+        if self.exchange is ex and self.body_from is not None:
+            self._body(data)  # a body that goes on in later reads
         self._flush(client)
+
+    def _body(self, data: bytes) -> None:
+        part = data[self.body_from :] if self.body_from else data
+        if not part:
+            return
+        if self.dechunk is not None:
+            self.dechunk.parser.feed_data(part)
+        else:
+            self.out.append(part)
 
     def _flush(self, client: _Client | None) -> None:
         if self.out:
@@ -268,49 +329,50 @@ class _Upstream(asyncio.Protocol):
 
     # -- llhttp callbacks
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
     def on_headers_complete(self) -> None:
         ex, client = self.exchange, self.client
         if ex is None or client is None:
             return
         status = self.parser.get_status_code()
-        headers, self.headers = self.headers, []
+        parts = self.head_parts
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        end = buf.find(b"\r\n\r\n", self.head_start) + 4
+        head = buf[self.head_start : end]
+        # The read being parsed is the last part: where its body starts.
+        body_from = end - (len(buf) - len(parts[-1]))
         if 100 <= status < 200 and status != 101:  # interim: the final answer follows
             if ex.version != "1.0":
-                self.out.append(
-                    b"HTTP/1.1 %d \r\n%s\r\n"
-                    % (status, b"".join(n + b": " + v + b"\r\n" for n, v in headers))
-                )
+                self.out.append(_RESPONSE_HOP.sub(b"", head))
+            self.head_start = end
             return
+        self.head_parts = []
+        self.head_start = 0
         ex.response_started = True
         ex.body = []  # no replay once the answer started
-        self.out.append(client.response_head(ex, self, status, headers))
+        self.out.append(client.response_head(ex, self, status, head))
         if status == 101:
             self.upgraded = True  # llhttp reports the rest as an upgrade
         elif ex.method == b"HEAD":  # no body follows, whatever the head says
             keep = self.parser.should_keep_alive()
             self.parser = httptools.HttpResponseParser(self)
             self._finish(ex, client, keep)
-
-    def on_body(self, body: bytes) -> None:
-        client = self.client
-        if client is not None:
-            self.out.append(_chunk(body) if self.response_chunked else body)
+        else:
+            self.body_from = body_from
 
     def on_message_complete(self) -> None:
         ex, client = self.exchange, self.client
         if ex is None or client is None or self.upgraded or not ex.response_started:
             return
+        if self.body_from is not None:
+            self._body(self.feeding)
         self._finish(ex, client, self.parser.should_keep_alive())
 
     def _finish(self, ex: _Exchange, client: _Client, keep_alive: bool) -> None:
-        if self.response_chunked:
-            self.out.append(b"0\r\n\r\n")
         self._flush(client)
         self.exchange = None
         self.client = None
+        self.body_from = None
+        self.dechunk = None
         if keep_alive and ex.body_done:
             self.transport.resume_reading()  # the client may have paused it; idle must read
             self.pool.release(self)
@@ -696,30 +758,28 @@ class _Client(asyncio.Protocol):
             return
         self._answer_error(ex, 502, why)
 
-    def response_head(
-        self, ex: _Exchange, conn: _Upstream, status: int, headers: list[tuple[bytes, bytes]]
-    ) -> bytes:
-        """The response head for ``ex``; decides how its body is framed to the client."""
-        out = [b"HTTP/1.1 %d \r\n" % status]
-        chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP and not (status == 101 and lname in (b"connection", b"upgrade")):
-                continue
-            if lname == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-                if ex.version == "1.0":
-                    continue
-            out.append(name + b": " + value + b"\r\n")
-        bodiless = ex.method == b"HEAD" or status in (204, 304)
-        conn.response_chunked = chunked and ex.version != "1.0" and not bodiless
-        if chunked and ex.version == "1.0" and not bodiless:
-            ex.keep_alive = False  # a body without length ends with the connection
-        if not ex.keep_alive and status != 101:
-            out.append(b"Connection: close\r\n")
-        elif ex.version == "1.0":
-            out.append(b"Connection: keep-alive\r\n")
-        out.append(b"\r\n")
+    def response_head(self, ex: _Exchange, conn: _Upstream, status: int, head: bytes) -> bytes:
+        """The head for the client: as the replica sent it, less hop-by-hop lines,
+        plus what this client's connection needs; decides how the body is framed."""
+        if status == 101:
+            head = _RESPONSE_HOP_101.sub(b"", head)
+        else:
+            named = _CONNECTION_LINE.search(head)
+            if named is not None:
+                extra = {t.strip().lower() for t in named.group(1).split(b",")} - _CONNECTION_WORDS
+                if extra:  # headers the replica marked hop-by-hop
+                    words = b"|".join(re.escape(w) for w in sorted(extra))
+                    head = re.sub(rb"\r\n(?:" + words + rb")[ \t]*:[^\r\n]*", b"", head, flags=re.I)
+            head = _RESPONSE_HOP.sub(b"", head)
+            bodiless = ex.method == b"HEAD" or status in (204, 304)
+            if ex.version == "1.0" and not bodiless and _CHUNKED.search(head):
+                head = _TRANSFER_ENCODING.sub(b"", head)
+                conn.dechunk = _Dechunk(conn)
+                ex.keep_alive = False  # a body without length ends with the connection
+            if not ex.keep_alive:
+                head = head[:-2] + b"Connection: close\r\n\r\n"
+            elif ex.version == "1.0":
+                head = head[:-2] + b"Connection: keep-alive\r\n\r\n"
         if status >= 500:
             self.proxy.stats["responses_5xx"] += 1
         if ex.endpoint is not None:
@@ -727,7 +787,7 @@ class _Client(asyncio.Protocol):
             if router is not None:
                 router.end(ex.endpoint, time.monotonic() - ex.started, status < 500)
             ex.endpoint = None
-        return b"".join(out)
+        return head
 
     def exchange_done(self, ex: _Exchange) -> None:
         """The response to ``ex`` is complete: next request, or close."""

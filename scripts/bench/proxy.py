@@ -102,6 +102,7 @@ from proxykit.peers import (  # noqa: E402
     backend_template,
     render_backend,
     start_haproxy,
+    start_naive_proxy,
     start_nginx_proxy,
 )
 from proxykit.procs import (  # noqa: E402
@@ -282,6 +283,8 @@ def verify(target: Target) -> None:
     """The target serves both bodies before any load is put on it."""
     if not serves(target.port):
         raise BenchError(f"{target.label} (port {target.port}) does not serve the small body")
+    if target.key == "naive_http":
+        return  # a yardstick for small requests only
     status, _, headers = get(target.port, BIG_PATH, method="HEAD")
     if status != 200 or headers.get("content-length") != str(BIG_BYTES):
         raise BenchError(f"{target.label}: HEAD {BIG_PATH} gave {status} {headers}")
@@ -373,7 +376,9 @@ def setup(bench: Bench, workdir: Path, cpus: tuple[str, str]) -> None:
         bench.add(Target("haproxy_http", "HAProxy mode http", http_, "haproxy"))
         port = start_nginx_proxy(bench.procs, workdir, backend, proxy_cpu)
         bench.add(Target("nginx_http", "nginx proxy_pass", port, "nginx-proxy"))
-        for name in ("haproxy", "nginx-proxy"):
+        naive = start_naive_proxy(bench.procs, backend, proxy_cpu)
+        bench.add(Target("naive_http", "aiohttp srv+client", naive, "naive-proxy"))
+        for name in ("haproxy", "nginx-proxy", "naive-proxy"):
             bench.pinning[name] = sorted(cpus_of(bench.procs.running[name].pid))
     for t in bench.targets.values():
         verify(t)
@@ -405,7 +410,15 @@ def half_load_conns(bench: Bench, target: Target, max_rps: float) -> tuple[int, 
 
 def repeat(bench: Bench, r: int) -> None:
     args = bench.args
-    rps_keys = ["direct", "meshd_l4", "haproxy_tcp", "meshd_l7", "haproxy_http", "nginx_http"]
+    rps_keys = [
+        "direct",
+        "meshd_l4",
+        "haproxy_tcp",
+        "meshd_l7",
+        "haproxy_http",
+        "nginx_http",
+        "naive_http",
+    ]
     for t in rotate(ordered(bench, rps_keys), r):
         res = bench.load(t, "rps", args.connections, args.duration)
         bench.sample(f"{t.key}_rps", res.rps)
@@ -521,6 +534,7 @@ def summarize(bench: Bench, changes: dict[str, Any] | None, meta: dict[str, Any]
         "l7_rps": m("meshd_l7_rps"),
         "haproxy_http_rps": m("haproxy_http_rps"),
         "nginx_http_rps": m("nginx_http_rps"),
+        "naive_aiohttp_http_rps": m("naive_http_rps"),
         "l7_rps_ratio": ratio(bench, "meshd_l7_rps", "haproxy_http_rps"),
         "l7_rps_ratio_nginx": ratio(bench, "meshd_l7_rps", "nginx_http_rps"),
         "l7_p99_added_ms": m("meshd_l7_p99_added_ms", 3),
@@ -588,6 +602,7 @@ def print_table(report: dict[str, Any]) -> None:
         ("meshd L7", "meshd_l7"),
         ("HAProxy mode http", "haproxy_http"),
         ("nginx proxy_pass", "nginx_http"),
+        ("aiohttp srv+client", "naive_http"),
     ]
     print(
         f"{'':18} {'req/s':>22} {'MB/s (64 MiB)':>18} {'added at half load (ms): p50':>30} {'p99':>20}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ __all__ = [
     "backend_template",
     "render_backend",
     "start_haproxy",
+    "start_naive_proxy",
     "start_nginx_proxy",
 ]
 
@@ -212,5 +214,18 @@ def start_nginx_proxy(procs: Procs, workdir: Path, backend: Backend, cpus: str) 
     procs.start("nginx-proxy", argv, cpus=cpus)
     wait_until(
         lambda: procs.check("nginx-proxy") or accepts(port), START_S, "nginx proxy listening"
+    )
+    return port
+
+
+def start_naive_proxy(procs: Procs, backend: Backend, cpus: str) -> int:
+    """The aiohttp server-plus-client proxy (``scripts/bench/naive_proxy.py``): a yardstick."""
+    port = free_port()
+    script = Path(__file__).resolve().parents[1] / "naive_proxy.py"
+    procs.start(
+        "naive-proxy", [sys.executable, str(script), str(port), str(backend.http)], cpus=cpus
+    )
+    wait_until(
+        lambda: procs.check("naive-proxy") or accepts(port), START_S, "naive proxy listening"
     )
     return port
