@@ -1012,7 +1012,10 @@ def test_sweep_closes_idle_clients_and_idle_or_unrouted_pooled_connections(run: 
             c = await RawClient.connect(port)
             await c.send(get("/"))
             assert (await c.response()).status == 200
-            proxy.sweep(time.monotonic() + 11, live)  # pooled too long
+            later = time.monotonic()
+            proxy.sweep(later, live)  # a sweep starts a pooled connection's idle clock
+            assert proxy.pool.count() == 1
+            proxy.sweep(later + 11, live)  # pooled too long
             assert proxy.pool.count() == 0
 
     run(scenario)

@@ -134,6 +134,8 @@ class _Base:
     """Endpoint bookkeeping shared by every policy."""
 
     name = ""
+    observes = False
+    """Learns from latency (``_observe``); the others skip the sample."""
 
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
@@ -177,7 +179,10 @@ class _Base:
         st = self._state.get(ep.id)
         if st is None:
             return
-        st.outstanding = max(0, st.outstanding - 1)
+        if st.outstanding:
+            st.outstanding -= 1
+        if not self.observes:
+            return
         if not math.isfinite(latency_s) or latency_s < 0 or not math.isfinite(now):
             self.dropped_samples += 1
             return
@@ -258,6 +263,7 @@ class PeakEwma(_TwoChoices):
     """
 
     name = "ewma"
+    observes = True
 
     def _decayed(self, st: _State, now: float) -> float | None:
         if st.cost is None:

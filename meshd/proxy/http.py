@@ -135,6 +135,7 @@ class _Exchange:
         "method",
         "replayable",
         "response_started",
+        "router",
         "sent",
         "started",
         "tried",
@@ -161,6 +162,8 @@ class _Exchange:
         self.response_started = False
         self.conn: _Upstream | None = None
         self.endpoint: Endpoint | None = None
+        self.router: Router | None = None
+        """The router that picked ``endpoint``: told how it went."""
         self.started = 0.0
         self.deadline = 0.0
         self.tried: set[str] = set()
@@ -364,17 +367,27 @@ class _Upstream(asyncio.Protocol):
         if ex is None or client is None or self.upgraded or not ex.response_started:
             return
         if self.body_from is not None:
-            self._body(self.feeding)
+            data = self.feeding
+            part = data[self.body_from :] if self.body_from else data
+            if part:
+                if self.dechunk is not None:
+                    self.dechunk.parser.feed_data(part)
+                else:
+                    self.out.append(part)
         self._finish(ex, client, self.parser.should_keep_alive())
 
     def _finish(self, ex: _Exchange, client: _Client, keep_alive: bool) -> None:
-        self._flush(client)
+        out = self.out
+        if out:
+            client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.out = []
         self.exchange = None
         self.client = None
         self.body_from = None
         self.dechunk = None
         if keep_alive and ex.body_done:
-            self.transport.resume_reading()  # the client may have paused it; idle must read
+            if client.write_paused:  # the client paused it; idle, it must read
+                self.transport.resume_reading()
             self.pool.release(self)
         else:
             self.close()
@@ -431,7 +444,7 @@ class _Pool:
         if len(conns) >= POOL_IDLE_PER_ENDPOINT:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = 0.0  # the next sweep starts its idle clock
         conns.append(conn)
 
     def forget(self, conn: _Upstream) -> None:
@@ -445,6 +458,8 @@ class _Pool:
         """Close connections idle too long, and those to replicas no longer routed."""
         for key, conns in list(self.idle.items()):
             for conn in list(conns):
+                if not conn.idle_since:
+                    conn.idle_since = now
                 if now - conn.idle_since > idle_s or (live is not None and key not in live):
                     conn.close()
 
@@ -595,16 +610,19 @@ class _Client(asyncio.Protocol):
 
     # -- llhttp callbacks (requests)
 
-    def on_message_begin(self) -> None:
-        ex = _Exchange()
-        self.parsing = ex
-        self.queue.append(ex)
-        if len(self.queue) > MAX_PIPELINED and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
-
     def on_url(self, url: bytes) -> None:
-        self.parsing.url += url  # type: ignore[union-attr]
+        """The first callback of a request (there is no ``on_message_begin``: one
+        call fewer per request); a URL split over reads arrives in pieces."""
+        ex = self.parsing
+        if ex is None:
+            ex = self.parsing = _Exchange()
+            self.queue.append(ex)
+            if len(self.queue) > MAX_PIPELINED and not self.paused:
+                self.paused = True
+                self.transport.pause_reading()
+            ex.url = url
+        else:
+            ex.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.parsing.headers.append((name, value))  # type: ignore[union-attr]
@@ -673,16 +691,18 @@ class _Client(asyncio.Protocol):
             proxy.stats["no_endpoint"] += 1
             self._answer_error(ex, 503, f"no healthy replica of {proxy.name}")
             return
-        key = self._hash_key(ex, router)
-        ep = router.pick(self.client_ip, key, ex.tried)
+        key = self._hash_key(ex, router) if router.balance.policy == "hash" else None
+        now = time.monotonic()
+        ep = router.pick(self.client_ip, key, ex.tried, now)
         if ep is None:
             self._answer_error(ex, 502, f"no reachable replica of {proxy.name}")
             return
         ex.tried.add(ep.id)
         ex.endpoint = ep
-        ex.started = time.monotonic()
-        ex.deadline = ex.started + proxy.timeouts.response
-        router.begin(ep)
+        ex.router = router
+        ex.started = now
+        ex.deadline = now + proxy.timeouts.response
+        router.policy.on_start(ep)
         conn = proxy.pool.take(ep) if not ex.upgrade else None
         if conn is not None:
             self._send(ex, conn)
@@ -717,7 +737,10 @@ class _Client(asyncio.Protocol):
         ex.sent = True
         if self.write_paused:
             conn.transport.pause_reading()
-        conn.send(self, ex)
+        conn.client = self
+        conn.exchange = ex
+        ex.conn = conn
+        conn.transport.write(ex.head if not ex.body else ex.head + b"".join(ex.body))
         if self.paused and len(self.queue) <= MAX_PIPELINED:
             self.paused = False
             self.transport.resume_reading()
@@ -782,10 +805,8 @@ class _Client(asyncio.Protocol):
                 head = head[:-2] + b"Connection: keep-alive\r\n\r\n"
         if status >= 500:
             self.proxy.stats["responses_5xx"] += 1
-        if ex.endpoint is not None:
-            router = self.proxy.router()
-            if router is not None:
-                router.end(ex.endpoint, time.monotonic() - ex.started, status < 500)
+        if ex.endpoint is not None and ex.router is not None:
+            ex.router.end(ex.endpoint, time.monotonic() - ex.started, status < 500)
             ex.endpoint = None
         return head
 
@@ -839,9 +860,8 @@ class _Client(asyncio.Protocol):
     def _report(self, ex: _Exchange, *, ok: bool) -> None:
         if ex.endpoint is None:
             return
-        router = self.proxy.router()
-        if router is not None:
-            router.end(ex.endpoint, time.monotonic() - ex.started, ok)
+        if ex.router is not None:
+            ex.router.end(ex.endpoint, time.monotonic() - ex.started, ok)
         ex.endpoint = None
 
     def _answer_error(self, ex: _Exchange, status: int, message: str) -> None:

@@ -63,9 +63,14 @@ class Router:
         self._recheck = math.inf if back is None else back
 
     def pick(
-        self, client: str, hash_key: str | None = None, exclude: Container[str] = ()
+        self,
+        client: str,
+        hash_key: str | None = None,
+        exclude: Container[str] = (),
+        now: float | None = None,
     ) -> Endpoint | None:
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         if now >= self._recheck:
             self._apply(now)
         ctx = PickContext(client, hash_key, self.local_node, self.rtt, now)
