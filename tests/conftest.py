@@ -191,3 +191,20 @@ def docker_url() -> str:
     """URL of the machine's Docker Engine (skips when there is none)."""
     _docker_available()
     return f"unix://{DOCKER_SOCK}"
+
+
+def loopback_agent_argv(
+    tmp: Path, *, host: str, node: str, driver: str, more: Any = ()
+) -> list[str]:
+    """``meshd agent`` flags for one agent alone on a loopback address: no mDNS,
+    fast gossip timing, its own data dir."""
+    return [
+        "--node", node,
+        "--bind", f"{host}:0",
+        "--api", f"{host}:0",
+        "--data-dir", str(tmp / "data"),
+        "--no-mdns",
+        "--driver", driver,
+        "--profile", "local",
+        *more,
+    ]  # fmt: skip

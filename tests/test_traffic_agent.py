@@ -20,7 +20,7 @@ import dns.asyncquery
 import dns.message
 import dns.rdatatype
 import pytest
-from conftest import async_wait_for
+from conftest import async_wait_for, loopback_agent_argv
 
 from meshd.agent import Agent, StartError
 from meshd.config import DEFAULT_DNS, load_config
@@ -53,22 +53,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The agent's DNS on its own address; names outside the mesh go nowhere.
+DNS_FLAGS = ("--dns", f"{HOST}:0", "--dns-upstream", "127.0.0.1:9")
+
+
 @contextlib.asynccontextmanager
 async def running(tmp: Path) -> AsyncIterator[Agent]:
-    config = load_config(
-        [
-            "--node", "solo",
-            "--bind", f"{HOST}:0",
-            "--api", f"{HOST}:0",
-            "--dns", f"{HOST}:0",
-            "--dns-upstream", "127.0.0.1:9",  # nothing leaves the host
-            "--data-dir", str(tmp / "data"),
-            "--no-mdns",
-            "--driver", "process",
-            "--profile", "local",
-        ],
-        {},
-    )  # fmt: skip
+    config = agent_config(tmp, *DNS_FLAGS)
     agent = Agent(config)
     await agent.start()
     try:
@@ -214,19 +205,8 @@ async def test_tcp_port_forwards_connections(tmp_path: Path) -> None:
 
 
 def agent_config(tmp: Path, *more: str) -> Any:
-    return load_config(
-        [
-            "--node", "solo",
-            "--bind", f"{HOST}:0",
-            "--api", f"{HOST}:0",
-            "--data-dir", str(tmp / "data"),
-            "--no-mdns",
-            "--driver", "process",
-            "--profile", "local",
-            *more,
-        ],
-        {},
-    )  # fmt: skip
+    argv = loopback_agent_argv(tmp, host=HOST, node="solo", driver="process", more=more)
+    return load_config(argv, {})
 
 
 async def test_a_taken_dns_address_fails_the_start_only_when_chosen(tmp_path: Path) -> None:

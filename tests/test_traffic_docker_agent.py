@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_IMAGE, async_wait_for
+from conftest import TEST_IMAGE, async_wait_for, loopback_agent_argv
 
 from meshd.agent import Agent
 from meshd.config import load_config
@@ -53,20 +53,9 @@ def port_free(port: int) -> bool:
 
 @contextlib.asynccontextmanager
 async def running(tmp: Path) -> AsyncIterator[Agent]:
-    config = load_config(
-        [
-            "--node", "dock",
-            "--bind", f"{HOST}:0",
-            "--api", f"{HOST}:0",
-            "--dns", f"{HOST}:0",
-            "--dns-upstream", "127.0.0.1:9",  # nothing leaves the host
-            "--data-dir", str(tmp / "data"),
-            "--no-mdns",
-            "--driver", "docker",
-            "--profile", "local",
-        ],
-        {},
-    )  # fmt: skip
+    dns = ("--dns", f"{HOST}:0", "--dns-upstream", "127.0.0.1:9")  # nothing leaves the host
+    argv = loopback_agent_argv(tmp, host=HOST, node="dock", driver="docker", more=dns)
+    config = load_config(argv, {})
     agent = Agent(config)
     await agent.start()
     try:
