@@ -51,18 +51,6 @@ MAX_PIPELINED = 32
 """Requests a client may queue behind the one in flight before its reads pause."""
 POOL_IDLE_PER_ENDPOINT = 256
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"x-forwarded-for",
-    }
-)
-"""Never forwarded as they came (``x-forwarded-for`` is rewritten with the client added)."""
 _RESPONSE_HOP = re.compile(
     rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|upgrade)[ \t]*:[^\r\n]*", re.I
 )
@@ -70,10 +58,27 @@ _RESPONSE_HOP = re.compile(
 _RESPONSE_HOP_101 = re.compile(
     rb"\r\n(?:keep-alive|proxy-connection|te|trailer)[ \t]*:[^\r\n]*", re.I
 )
-_CONNECTION_LINE = re.compile(rb"\r\nconnection[ \t]*:([^\r\n]*)", re.I)
+_HOP_NAMES = re.compile(rb"\r\n(?:keep-alive|proxy-connection|te|trailer|upgrade)[ \t]*:")
+"""On a lower-cased head without ``Connection``: is there anything to drop at all."""
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*chunked", re.I)
 _TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*", re.I)
 _CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+_HOP, _XFF, _HOST, _TE, _PROTO, _FWD_HOST, _REQUEST_ID = 0, -1, -2, -3, 1, 2, 4
+_REQUEST_HEADERS = {
+    b"connection": _HOP,
+    b"keep-alive": _HOP,
+    b"proxy-connection": _HOP,
+    b"te": _HOP,
+    b"trailer": _HOP,
+    b"upgrade": _HOP,
+    b"x-forwarded-for": _XFF,
+    b"host": _HOST,
+    b"transfer-encoding": _TE,
+    b"x-forwarded-proto": _PROTO,
+    b"x-forwarded-host": _FWD_HOST,
+    b"x-request-id": _REQUEST_ID,
+}
+"""Request headers the head rewrite looks at; the flags record which the client sent."""
 _CONNECTION_WORDS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 """``Connection`` values that name no header."""
 _STATUS = {
@@ -169,6 +174,15 @@ class _Exchange:
         self.tried: set[str] = set()
         self.error: bytes = b""
         """An answer of the proxy's own, sent once the request's body has been read."""
+
+
+def _drop_named(head: bytes, value: bytes) -> bytes:
+    """Drop the headers a response's ``Connection`` names (besides the usual words)."""
+    extra = {t.strip() for t in value.split(b",")} - _CONNECTION_WORDS
+    if not extra:
+        return head
+    words = b"|".join(re.escape(w) for w in sorted(extra))
+    return re.sub(rb"\r\n(?:" + words + rb")[ \t]*:[^\r\n]*", b"", head, flags=re.I)
 
 
 class _Dechunk:
@@ -478,6 +492,7 @@ class _Client(asyncio.Protocol):
     __slots__ = (
         "broken",
         "client_ip",
+        "client_ip_b",
         "closed",
         "last_active",
         "parser",
@@ -510,6 +525,7 @@ class _Client(asyncio.Protocol):
         self.paused = False
         self.tunnel: _Upstream | None = None
         self.client_ip = ""
+        self.client_ip_b = b""
         self.last_active = 0.0
 
     # -- asyncio
@@ -519,6 +535,7 @@ class _Client(asyncio.Protocol):
         _tune(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
+        self.client_ip_b = self.client_ip.encode()
         self.last_active = time.monotonic()
         self.proxy.clients.add(self)
         self.proxy.stats["connections"] += 1
@@ -787,13 +804,15 @@ class _Client(asyncio.Protocol):
         if status == 101:
             head = _RESPONSE_HOP_101.sub(b"", head)
         else:
-            named = _CONNECTION_LINE.search(head)
-            if named is not None:
-                extra = {t.strip().lower() for t in named.group(1).split(b",")} - _CONNECTION_WORDS
-                if extra:  # headers the replica marked hop-by-hop
-                    words = b"|".join(re.escape(w) for w in sorted(extra))
-                    head = re.sub(rb"\r\n(?:" + words + rb")[ \t]*:[^\r\n]*", b"", head, flags=re.I)
-            head = _RESPONSE_HOP.sub(b"", head)
+            low = head.lower()
+            at = low.find(b"\r\nconnection:")
+            if at >= 0:
+                value = low[at + 13 : low.find(b"\r\n", at + 2)].strip()
+                if value not in _CONNECTION_WORDS:  # it may name more hop-by-hop headers
+                    head = _drop_named(head, value)
+                head = _RESPONSE_HOP.sub(b"", head)
+            elif _HOP_NAMES.search(low):
+                head = _RESPONSE_HOP.sub(b"", head)
             bodiless = ex.method == b"HEAD" or status in (204, 304)
             if ex.version == "1.0" and not bodiless and _CHUNKED.search(head):
                 head = _TRANSFER_ENCODING.sub(b"", head)
@@ -911,45 +930,44 @@ class _Client(asyncio.Protocol):
     def _build_head(self, ex: _Exchange, drop: frozenset[bytes] = frozenset()) -> bytes:
         """The head sent upstream; notes whether the body is chunked.
 
-        One pass over the headers; a second one only when ``Connection`` names
-        more hop-by-hop headers (rare), which are then dropped too.
+        One pass over the headers, one dictionary lookup each; a second pass
+        only when ``Connection`` names more hop-by-hop headers (rare), which
+        are then dropped too.
         """
         out = [ex.method, b" ", ex.url, b" HTTP/1.1\r\n"]
         xff = b""
         host = b""
-        have_proto = have_host = have_id = False
+        seen = 0
         for name, value in ex.headers:
             lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == b"x-forwarded-for":
-                    xff = xff + b", " + value if xff else value
-                elif lname == b"connection" and not drop:
-                    named = (
-                        frozenset(t.strip().lower() for t in value.split(b",")) - _CONNECTION_WORDS
-                    )
-                    if named:
-                        return self._build_head(ex, named)
+            kind = _REQUEST_HEADERS.get(lname)
+            if kind is None:
+                if not drop or lname not in drop:
+                    out += (name, b": ", value, b"\r\n")
                 continue
-            if lname in drop:
+            if kind == _HOP:
+                if lname == b"connection" and not drop:
+                    named = frozenset(t.strip().lower() for t in value.split(b","))
+                    if named - _CONNECTION_WORDS:
+                        return self._build_head(ex, named - _CONNECTION_WORDS)
                 continue
-            if lname == b"host":
+            if kind == _XFF:
+                xff = xff + b", " + value if xff else value
+                continue
+            if kind == _HOST:
                 host = value
-            elif lname == b"x-forwarded-proto":
-                have_proto = True
-            elif lname == b"x-forwarded-host":
-                have_host = True
-            elif lname == b"x-request-id":
-                have_id = True
-            elif lname == b"transfer-encoding":
+            elif kind == _TE:
                 ex.chunked = b"chunked" in value.lower()
+            else:
+                seen |= kind
             out += (name, b": ", value, b"\r\n")
-        ip = self.client_ip.encode()
+        ip = self.client_ip_b
         out += (b"X-Forwarded-For: ", xff + b", " + ip if xff else ip, b"\r\n")
-        if not have_proto:
+        if not seen & _PROTO:
             out.append(b"X-Forwarded-Proto: http\r\n")
-        if not have_host and host:
+        if not seen & _FWD_HOST and host:
             out += (b"X-Forwarded-Host: ", host, b"\r\n")
-        if not have_id:
+        if not seen & _REQUEST_ID:
             out += (b"X-Request-Id: ", self.proxy.next_request_id(), b"\r\n")
         if ex.upgrade:
             for name, value in ex.headers:
