@@ -276,6 +276,36 @@ def test_hop_by_hop_response_headers_are_dropped(run: Run) -> None:
     run(scenario)
 
 
+@pytest.mark.parametrize(
+    "lines",
+    [
+        b"Connection: keep-alive\r\nX-Fine: 1\r\nConnection: close-ish\r\n",  # two lines
+        b"connection: keep-alive, X-Secret\r\nX-Secret: s\r\nX-Fine: 1\r\n",  # names one
+        b"X-Fine: 1\r\nTrailer: X-T\r\n",  # no Connection, another hop-by-hop
+        b"X-Fine: 1\r\nConnection: keep-alive\r\n",  # the usual case
+    ],
+)
+def test_response_hop_by_hop_lines_go_in_every_shape(run: Run, lines: bytes) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\n" + lines + b"Content-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def scenario() -> None:
+        async with raw_backends(answer) as (b,):
+            _, port = await proxy_for(make_router([("a", "n1", b.port)]))
+            c = await RawClient.connect(port)
+            for _ in range(2):  # and the connection goes on
+                await c.send(get("/"))
+                resp = await c.response()
+                assert resp.body == b"ok" and resp.get("x-fine") == "1"
+                for gone in ("connection", "x-secret", "trailer"):
+                    assert resp.get(gone) is None, gone
+
+    run(scenario)
+
+
 # ----- bodies ----------------------------------------------------------------------------
 
 

@@ -807,10 +807,14 @@ class _Client(asyncio.Protocol):
             low = head.lower()
             at = low.find(b"\r\nconnection:")
             if at >= 0:
-                value = low[at + 13 : low.find(b"\r\n", at + 2)].strip()
+                end = low.find(b"\r\n", at + 2)
+                value = low[at + 13 : end].strip()
                 if value not in _CONNECTION_WORDS:  # it may name more hop-by-hop headers
-                    head = _drop_named(head, value)
-                head = _RESPONSE_HOP.sub(b"", head)
+                    head = _RESPONSE_HOP.sub(b"", _drop_named(head, value))
+                elif _HOP_NAMES.search(low) or low.find(b"\r\nconnection:", end) >= 0:
+                    head = _RESPONSE_HOP.sub(b"", head)
+                else:  # the usual case: only Connection itself to drop
+                    head = head[:at] + head[end:]
             elif _HOP_NAMES.search(low):
                 head = _RESPONSE_HOP.sub(b"", head)
             bodiless = ex.method == b"HEAD" or status in (204, 304)
