@@ -500,6 +500,7 @@ class _Client(asyncio.Protocol):
         "paused",
         "proxy",
         "queue",
+        "recent",
         "transport",
         "tunnel",
         "tunnel_eofs",
@@ -527,6 +528,8 @@ class _Client(asyncio.Protocol):
         self.client_ip = ""
         self.client_ip_b = b""
         self.last_active = 0.0
+        self.recent = False
+        """Read from since the last sweep, which then dates ``last_active``."""
 
     # -- asyncio
 
@@ -544,7 +547,7 @@ class _Client(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.transport.write(data)
             return
-        self.last_active = time.monotonic()
+        self.recent = True
         if self.upgrading is not None:
             self._early_tunnel_bytes(data)
             return
@@ -996,7 +999,7 @@ class HttpProxy:
         self.timeouts = timeouts or HttpTimeouts()
         self.pool = _Pool(self)
         self.clients: set[_Client] = set()
-        self._id_prefix = os.urandom(4).hex().encode() + b"-"
+        self._id_prefix_text = os.urandom(4).hex() + "-"
         self._id_counter = 0
         self.stats: dict[str, int] = {
             "connections": 0,
@@ -1022,7 +1025,7 @@ class HttpProxy:
 
     def next_request_id(self) -> bytes:
         self._id_counter += 1
-        return self._id_prefix + b"%x" % self._id_counter
+        return (self._id_prefix_text + hex(self._id_counter)).encode()
 
     def active(self) -> int:
         return len(self.clients)
@@ -1033,7 +1036,10 @@ class HttpProxy:
         for client in list(self.clients):
             ex = client.current()
             if ex is None:
-                if client.tunnel is None and now - client.last_active > t.client_idle:
+                if client.recent:
+                    client.recent = False
+                    client.last_active = now
+                elif client.tunnel is None and now - client.last_active > t.client_idle:
                     client.close()
             elif ex.sent and not ex.response_started and now > ex.deadline:
                 self.stats["timeouts"] += 1

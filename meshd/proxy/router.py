@@ -20,6 +20,9 @@ from .outlier import OutlierConfig, OutlierDetector
 
 __all__ = ["Router"]
 
+_CONTEXT_FREE = frozenset({"round_robin", "least_conn", "random", "p2c", "weighted"})
+"""Policies whose pick reads nothing of the request (client, key, node, time)."""
+
 
 class Router:
     def __init__(
@@ -38,6 +41,8 @@ class Router:
         self.port = port
         self.balance = balance
         self.policy = make_policy(balance.policy, rng or random.Random())
+        self._blind = balance.policy in _CONTEXT_FREE
+        self._blind_ctx = PickContext("")
         self.outliers = OutlierDetector(outlier)
         self.local_node = local_node
         self.rtt = rtt
@@ -73,7 +78,10 @@ class Router:
             now = self.clock()
         if now >= self._recheck:
             self._apply(now)
-        ctx = PickContext(client, hash_key, self.local_node, self.rtt, now)
+        if self._blind:
+            ctx = self._blind_ctx  # the policy reads nothing from it: no new one per pick
+        else:
+            ctx = PickContext(client, hash_key, self.local_node, self.rtt, now)
         ep = self.policy.pick(ctx)
         if ep is None or ep.id not in exclude:
             return ep
