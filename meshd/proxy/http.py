@@ -381,13 +381,7 @@ class _Upstream(asyncio.Protocol):
         if ex is None or client is None or self.upgraded or not ex.response_started:
             return
         if self.body_from is not None:
-            data = self.feeding
-            part = data[self.body_from :] if self.body_from else data
-            if part:
-                if self.dechunk is not None:
-                    self.dechunk.parser.feed_data(part)
-                else:
-                    self.out.append(part)
+            self._body(self.feeding)
         self._finish(ex, client, self.parser.should_keep_alive())
 
     def _finish(self, ex: _Exchange, client: _Client, keep_alive: bool) -> None:
@@ -416,12 +410,6 @@ class _Upstream(asyncio.Protocol):
             if rest:
                 client.transport.write(rest)
             client.tunnel_to(self)
-
-    def send(self, client: _Client, ex: _Exchange) -> None:
-        self.client = client
-        self.exchange = ex
-        ex.conn = self
-        self.transport.write(ex.head if not ex.body else ex.head + b"".join(ex.body))
 
     def close(self) -> None:
         if not self.closed:
@@ -722,7 +710,7 @@ class _Client(asyncio.Protocol):
         ex.router = router
         ex.started = now
         ex.deadline = now + proxy.timeouts.response
-        router.policy.on_start(ep)
+        router.begin(ep)
         conn = proxy.pool.take(ep) if not ex.upgrade else None
         if conn is not None:
             self._send(ex, conn)
@@ -1073,7 +1061,3 @@ class HttpProxy:
         for client in list(self.clients):
             client.close()
         self.pool.close_all()
-
-
-def live_addresses(router: Router | None) -> set[tuple[str, int]]:
-    return set() if router is None else {(ep.address, ep.port) for ep in router.endpoints}

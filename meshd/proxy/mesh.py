@@ -195,11 +195,9 @@ class RoutingMesh:
     def _set_endpoints(self, listener: _Listener, route: Route) -> None:
         before = {ep.id: ep.node for ep in listener.router.endpoints}
         listener.router.set_endpoints(route.endpoints(listener.key.port))
+        still = {ep.id for ep in listener.router.endpoints}
         gone_nodes = {
-            node
-            for eid, node in before.items()
-            if not any(ep.id == eid for ep in listener.router.endpoints)
-            and not self.reachable(node)
+            node for eid, node in before.items() if eid not in still and not self.reachable(node)
         }
         if gone_nodes:
             self.stats["dropped_for_dead_nodes"] += listener.proxy.drop_nodes(gone_nodes)
