@@ -60,7 +60,7 @@ def run(request: pytest.FixtureRequest) -> Run:
 async def proxy_for(
     router: Router | None, timeouts: HttpTimeouts | None = None
 ) -> tuple[HttpProxy, int]:
-    proxy = HttpProxy("svc", lambda: router, timeouts)
+    proxy = HttpProxy("svc", router, timeouts)
     _, port = await serve(proxy)
     return proxy, port
 

@@ -80,7 +80,7 @@ async def ready_then_count(reader: asyncio.StreamReader, writer: asyncio.StreamW
 
 
 async def proxy_for(router: Router | None, connect_timeout: float = 1.0) -> tuple[TcpProxy, int]:
-    proxy = TcpProxy(lambda: router, connect_timeout=connect_timeout)
+    proxy = TcpProxy(router, connect_timeout=connect_timeout)
     _, port = await serve(proxy)
     return proxy, port
 

@@ -213,10 +213,14 @@ class _Base:
 class RoundRobin(_Base):
     name = "round_robin"
 
-    def _pick(self, ctx: PickContext) -> Endpoint:
+    def pick(self, ctx: PickContext) -> Endpoint | None:
+        # The default policy, once per request: one call rather than two.
+        eps = self._eps
+        if not eps:
+            return None
         i = self._cursor
-        self._cursor = (i + 1) % len(self._eps)
-        return self._eps[i]
+        self._cursor = (i + 1) % len(eps)
+        return eps[i]
 
 
 class LeastConn(_Base):

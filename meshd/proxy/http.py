@@ -31,7 +31,6 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable
 
 import httptools
 
@@ -131,11 +130,11 @@ class _Exchange:
         "body_done",
         "chunked",
         "conn",
-        "deadline",
         "endpoint",
         "error",
         "head",
         "headers",
+        "http10",
         "keep_alive",
         "method",
         "replayable",
@@ -146,14 +145,13 @@ class _Exchange:
         "tried",
         "upgrade",
         "url",
-        "version",
     )
 
-    def __init__(self) -> None:
-        self.url = b""
+    def __init__(self, url: bytes) -> None:
+        self.url = url
         self.headers: list[tuple[bytes, bytes]] = []
         self.method = b""
-        self.version = "1.1"
+        self.http10 = False
         self.keep_alive = True
         self.upgrade = False
         self.chunked = False
@@ -170,7 +168,7 @@ class _Exchange:
         self.router: Router | None = None
         """The router that picked ``endpoint``: told how it went."""
         self.started = 0.0
-        self.deadline = 0.0
+        """When it was sent to the chosen replica: latency, and the response timeout."""
         self.tried: set[str] = set()
         self.error: bytes = b""
         """An answer of the proxy's own, sent once the request's body has been read."""
@@ -358,7 +356,7 @@ class _Upstream(asyncio.Protocol):
         # The read being parsed is the last part: where its body starts.
         body_from = end - (len(buf) - len(parts[-1]))
         if 100 <= status < 200 and status != 101:  # interim: the final answer follows
-            if ex.version != "1.0":
+            if not ex.http10:
                 self.out.append(_RESPONSE_HOP.sub(b"", head))
             self.head_start = end
             return
@@ -482,6 +480,7 @@ class _Client(asyncio.Protocol):
         "client_ip",
         "client_ip_b",
         "closed",
+        "forwarded",
         "last_active",
         "parser",
         "parsing",
@@ -515,6 +514,8 @@ class _Client(asyncio.Protocol):
         self.tunnel: _Upstream | None = None
         self.client_ip = ""
         self.client_ip_b = b""
+        self.forwarded = b""
+        """The forwarding headers of a request that brought none of its own."""
         self.last_active = 0.0
         self.recent = False
         """Read from since the last sweep, which then dates ``last_active``."""
@@ -527,6 +528,7 @@ class _Client(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
         self.client_ip_b = self.client_ip.encode()
+        self.forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % self.client_ip_b
         self.last_active = time.monotonic()
         self.proxy.clients.add(self)
         self.proxy.stats["connections"] += 1
@@ -623,12 +625,12 @@ class _Client(asyncio.Protocol):
         call fewer per request); a URL split over reads arrives in pieces."""
         ex = self.parsing
         if ex is None:
-            ex = self.parsing = _Exchange()
-            self.queue.append(ex)
-            if len(self.queue) > MAX_PIPELINED and not self.paused:
+            ex = self.parsing = _Exchange(url)
+            queue = self.queue
+            queue.append(ex)
+            if len(queue) > MAX_PIPELINED and not self.paused:
                 self.paused = True
                 self.transport.pause_reading()
-            ex.url = url
         else:
             ex.url += url
 
@@ -640,12 +642,14 @@ class _Client(asyncio.Protocol):
         assert ex is not None
         p = self.parser
         ex.method = p.get_method()
-        ex.version = p.get_http_version()
-        ex.keep_alive = p.should_keep_alive()
-        ex.upgrade = p.should_upgrade()
-        ex.head = self._build_head(ex)
-        if ex.upgrade:
+        if not p.should_keep_alive():
+            ex.keep_alive = False
+            ex.http10 = p.get_http_version() == "1.0"
+        # else HTTP/1.1, unless a Connection header asked 1.0 to keep alive: _build_head checks
+        if p.should_upgrade():
+            ex.upgrade = True
             ex.replayable = False
+        ex.head = self._build_head(ex)
         if ex is self.queue[0]:
             self.dispatch(ex)
 
@@ -694,7 +698,7 @@ class _Client(asyncio.Protocol):
     def dispatch(self, ex: _Exchange) -> None:
         """Send ``ex`` (the oldest request) to a replica: pooled now, or connect first."""
         proxy = self.proxy
-        router = proxy.router()
+        router = proxy.router
         if router is None or not router.active:
             proxy.stats["no_endpoint"] += 1
             self._answer_error(ex, 503, f"no healthy replica of {proxy.name}")
@@ -709,7 +713,6 @@ class _Client(asyncio.Protocol):
         ex.endpoint = ep
         ex.router = router
         ex.started = now
-        ex.deadline = now + proxy.timeouts.response
         router.begin(ep)
         conn = proxy.pool.take(ep) if not ex.upgrade else None
         if conn is not None:
@@ -808,21 +811,27 @@ class _Client(asyncio.Protocol):
                     head = head[:at] + head[end:]
             elif _HOP_NAMES.search(low):
                 head = _RESPONSE_HOP.sub(b"", head)
-            bodiless = ex.method == b"HEAD" or status in (204, 304)
-            if ex.version == "1.0" and not bodiless and _CHUNKED.search(head):
-                head = _TRANSFER_ENCODING.sub(b"", head)
-                conn.dechunk = _Dechunk(conn)
-                ex.keep_alive = False  # a body without length ends with the connection
-            if not ex.keep_alive:
-                head = head[:-2] + b"Connection: close\r\n\r\n"
-            elif ex.version == "1.0":
-                head = head[:-2] + b"Connection: keep-alive\r\n\r\n"
+            if ex.http10 or not ex.keep_alive:
+                head = self._downgrade_head(ex, conn, status, head)
         if status >= 500:
             self.proxy.stats["responses_5xx"] += 1
-        if ex.endpoint is not None and ex.router is not None:
-            ex.router.end(ex.endpoint, time.monotonic() - ex.started, status < 500)
+        ep = ex.endpoint
+        if ep is not None:
+            now = time.monotonic()
+            ex.router.end(ep, now - ex.started, status < 500, now)  # type: ignore[union-attr]
             ex.endpoint = None
         return head
+
+    def _downgrade_head(self, ex: _Exchange, conn: _Upstream, status: int, head: bytes) -> bytes:
+        """A response head for an HTTP/1.0 client, or for a connection that closes after it."""
+        bodiless = ex.method == b"HEAD" or status in (204, 304)
+        if ex.http10 and not bodiless and _CHUNKED.search(head):
+            head = _TRANSFER_ENCODING.sub(b"", head)
+            conn.dechunk = _Dechunk(conn)
+            ex.keep_alive = False  # a body without length ends with the connection
+        if not ex.keep_alive:
+            return head[:-2] + b"Connection: close\r\n\r\n"
+        return head[:-2] + b"Connection: keep-alive\r\n\r\n"
 
     def exchange_done(self, ex: _Exchange) -> None:
         """The response to ``ex`` is complete: next request, or close."""
@@ -933,15 +942,18 @@ class _Client(asyncio.Protocol):
         xff = b""
         host = b""
         seen = 0
+        kind_of = _REQUEST_HEADERS.get
         for name, value in ex.headers:
             lname = name.lower()
-            kind = _REQUEST_HEADERS.get(lname)
+            kind = kind_of(lname)
             if kind is None:
                 if not drop or lname not in drop:
                     out += (name, b": ", value, b"\r\n")
                 continue
             if kind == _HOP:
                 if lname == b"connection" and not drop:
+                    if ex.keep_alive:  # keep-alive asked by name: perhaps HTTP/1.0
+                        ex.http10 = self.parser.get_http_version() == "1.0"
                     named = frozenset(t.strip().lower() for t in value.split(b","))
                     if named - _CONNECTION_WORDS:
                         return self._build_head(ex, named - _CONNECTION_WORDS)
@@ -956,14 +968,19 @@ class _Client(asyncio.Protocol):
             else:
                 seen |= kind
             out += (name, b": ", value, b"\r\n")
-        ip = self.client_ip_b
-        out += (b"X-Forwarded-For: ", xff + b", " + ip if xff else ip, b"\r\n")
-        if not seen & _PROTO:
-            out.append(b"X-Forwarded-Proto: http\r\n")
-        if not seen & _FWD_HOST and host:
+        if xff or seen & _PROTO:
+            ip = self.client_ip_b
+            out += (b"X-Forwarded-For: ", xff + b", " + ip if xff else ip, b"\r\n")
+            if not seen & _PROTO:
+                out.append(b"X-Forwarded-Proto: http\r\n")
+        else:
+            out.append(self.forwarded)
+        if host and not seen & _FWD_HOST:
             out += (b"X-Forwarded-Host: ", host, b"\r\n")
         if not seen & _REQUEST_ID:
-            out += (b"X-Request-Id: ", self.proxy.next_request_id(), b"\r\n")
+            proxy = self.proxy
+            proxy.request_ids += 1
+            out.append(b"X-Request-Id: %s%x\r\n" % (proxy.request_id_prefix, proxy.request_ids))
         if ex.upgrade:
             for name, value in ex.headers:
                 if name.lower() == b"upgrade":
@@ -979,16 +996,18 @@ class HttpProxy:
     def __init__(
         self,
         name: str,
-        router: Callable[[], Router | None],
+        router: Router | None,
         timeouts: HttpTimeouts | None = None,
     ) -> None:
         self.name = name
         self.router = router
+        """Set anew by the mesh when the service's balance changes; None: no route (503)."""
         self.timeouts = timeouts or HttpTimeouts()
         self.pool = _Pool(self)
         self.clients: set[_Client] = set()
-        self._id_prefix_text = os.urandom(4).hex() + "-"
-        self._id_counter = 0
+        self.request_id_prefix = os.urandom(4).hex().encode() + b"-"
+        self.request_ids = 0
+        """Requests given an id: ids are the prefix (random per listener) and this, in hex."""
         self.stats: dict[str, int] = {
             "connections": 0,
             "requests": 0,
@@ -1011,10 +1030,6 @@ class HttpProxy:
     def __call__(self) -> asyncio.Protocol:
         return _Client(self)
 
-    def next_request_id(self) -> bytes:
-        self._id_counter += 1
-        return (self._id_prefix_text + hex(self._id_counter)).encode()
-
     def active(self) -> int:
         return len(self.clients)
 
@@ -1029,7 +1044,7 @@ class HttpProxy:
                     client.last_active = now
                 elif client.tunnel is None and now - client.last_active > t.client_idle:
                     client.close()
-            elif ex.sent and not ex.response_started and now > ex.deadline:
+            elif ex.sent and not ex.response_started and now - ex.started > t.response:
                 self.stats["timeouts"] += 1
                 conn = ex.conn
                 ex.conn = None

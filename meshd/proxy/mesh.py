@@ -54,11 +54,22 @@ class _Listener:
 
     def __init__(self, key: ListenerKey, router: Router, proxy: TcpProxy | HttpProxy) -> None:
         self.key = key
-        self.router = router
         self.proxy = proxy
+        proxy.router = router
         self.servers: dict[str, asyncio.AbstractServer] = {}
         self.errors: dict[str, str] = {}
         self.next_try = 0.0
+
+    @property
+    def router(self) -> Router:
+        """The proxy's own reference: read per request, so no lookup through the mesh."""
+        router = self.proxy.router
+        assert router is not None
+        return router
+
+    @router.setter
+    def router(self, router: Router) -> None:
+        self.proxy.router = router
 
 
 class RoutingMesh:
@@ -161,21 +172,17 @@ class RoutingMesh:
         for number, listener in list(self.listeners.items()):
             if wanted.get(number) != listener.key:
                 del self.listeners[number]
+                listener.proxy.router = None  # requests still arriving get a 503
                 await self._close(listener)
         now = time.monotonic()
         for number, key in wanted.items():
             listener = self.listeners.get(number)
             if listener is None:
                 router = self._router(key, routes[key.service])
-                proxy = self._proxy(key, lambda n=number: self._router_of(n))
-                listener = self.listeners[number] = _Listener(key, router, proxy)
+                listener = self.listeners[number] = _Listener(key, router, self._proxy(key))
                 self._set_endpoints(listener, routes[key.service])
             if len(listener.servers) < len(self.addresses) and now >= listener.next_try:
                 await self._bind(listener)
-
-    def _router_of(self, number: int) -> Router | None:
-        listener = self.listeners.get(number)
-        return listener.router if listener is not None else None
 
     def _router(self, key: ListenerKey, route: Route) -> Router:
         return Router(
@@ -187,10 +194,10 @@ class RoutingMesh:
             rng=random.Random(self.rng.random()),
         )
 
-    def _proxy(self, key: ListenerKey, router: Callable[[], Router | None]) -> TcpProxy | HttpProxy:
+    def _proxy(self, key: ListenerKey) -> TcpProxy | HttpProxy:
         if key.protocol == "http":
-            return HttpProxy(key.service, router, self.timeouts)
-        return TcpProxy(router, connect_timeout=self.timeouts.connect)
+            return HttpProxy(key.service, None, self.timeouts)
+        return TcpProxy(None, connect_timeout=self.timeouts.connect)
 
     def _set_endpoints(self, listener: _Listener, route: Route) -> None:
         before = {ep.id: ep.node for ep in listener.router.endpoints}

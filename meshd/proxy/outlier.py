@@ -48,9 +48,13 @@ class OutlierDetector:
         self.config = config or OutlierConfig()
         self._records: dict[str, _Record] = {}
         self.ejections_total = 0
+        self.watching: set[str] = set()
+        """Replicas with failures or ejections on record. A success elsewhere
+        changes nothing: while this is empty the router skips reporting it."""
 
     def update(self, ids: Iterable[str]) -> None:
         self._records = {i: self._records.get(i) or _Record() for i in ids}
+        self.watching = {i for i, r in self._records.items() if r.failures or r.ejections}
 
     def on_result(self, endpoint_id: str, ok: bool, now: float) -> bool:
         """Record one request's outcome; True when it ejected the replica just now."""
@@ -61,7 +65,10 @@ class OutlierDetector:
             rec.failures = 0
             if rec.ejections and now - rec.until >= self.config.forgive_s:
                 rec.ejections = 0
+            if not rec.ejections:
+                self.watching.discard(endpoint_id)
             return False
+        self.watching.add(endpoint_id)
         rec.failures += 1
         if rec.failures < self.config.consecutive or rec.until > now:
             return False

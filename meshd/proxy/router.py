@@ -94,9 +94,10 @@ class Router:
     def begin(self, ep: Endpoint) -> None:
         self.policy.on_start(ep)
 
-    def end(self, ep: Endpoint, latency_s: float, ok: bool) -> None:
+    def end(self, ep: Endpoint, latency_s: float, ok: bool, now: float | None = None) -> None:
         """One connection or request to ``ep`` finished; ``ok`` False counts toward ejection."""
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         self.policy.on_finish(ep, latency_s, ok, now)
-        if self.outliers.on_result(ep.id, ok, now):
+        if (not ok or self.outliers.watching) and self.outliers.on_result(ep.id, ok, now):
             self._apply(now)

@@ -135,7 +135,7 @@ class _Client(asyncio.Protocol):
         asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
-        router = self.proxy.router()
+        router = self.proxy.router
         got = None
         if router is not None:
             got = await connect_upstream(
@@ -210,7 +210,7 @@ class _Client(asyncio.Protocol):
             self.upstream.close()
         ep = self.endpoint
         if ep is not None:
-            router = self.proxy.router()
+            router = self.proxy.router
             if router is not None:
                 router.end(ep, self.connect_s, True)
 
@@ -218,8 +218,9 @@ class _Client(asyncio.Protocol):
 class TcpProxy:
     """A listener's protocol factory: every connection forwarded to the router's pick."""
 
-    def __init__(self, router: Callable[[], Router | None], *, connect_timeout: float) -> None:
+    def __init__(self, router: Router | None, *, connect_timeout: float) -> None:
         self.router = router
+        """Set anew by the mesh when the service's balance changes; None: no route (refused)."""
         self.connect_timeout = connect_timeout
         self.clients: set[_Client] = set()
         self.stats: dict[str, int] = {"connections": 0, "no_endpoint": 0, "connect_failures": 0}

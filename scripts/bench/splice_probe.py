@@ -344,7 +344,7 @@ async def serve(kind: str, port: int, upstream: int, pipe_size: int) -> None:
     if kind == "product":
         from meshd.proxy.tcp import TcpProxy
 
-        proxy = TcpProxy(lambda: router, connect_timeout=CONNECT_TIMEOUT_S)
+        proxy = TcpProxy(router, connect_timeout=CONNECT_TIMEOUT_S)
         server = await loop.create_server(proxy, "127.0.0.1", port, backlog=4096)
         async with server:  # held until the process is ended
             await asyncio.Event().wait()
