@@ -35,6 +35,15 @@ from collections import deque
 import httptools
 
 from .balancing import Endpoint
+from .heads import (
+    CHUNKED,
+    HTTP10,
+    NEEDS_ID,
+    ChunkedEnd,
+    cookie_value,
+    header_value,
+    rewrite_request,
+)
 from .router import Router
 from .tcp import _tune
 
@@ -49,6 +58,10 @@ RETRY_BODY_LIMIT = 64 * 1024
 MAX_PIPELINED = 32
 """Requests a client may queue behind the one in flight before its reads pause."""
 POOL_IDLE_PER_ENDPOINT = 256
+CLIENT_HEAD_CACHE = 16
+"""Request heads remembered with their rewrite, per client connection; all forgotten when full."""
+HEAD_CACHE = 256
+"""Response heads remembered with their rewrite, per service port; all forgotten when full."""
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _RESPONSE_HOP = re.compile(
     rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|upgrade)[ \t]*:[^\r\n]*", re.I
@@ -62,22 +75,7 @@ _HOP_NAMES = re.compile(rb"\r\n(?:keep-alive|proxy-connection|te|trailer|upgrade
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*chunked", re.I)
 _TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*", re.I)
 _CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-_HOP, _XFF, _HOST, _TE, _PROTO, _FWD_HOST, _REQUEST_ID = 0, -1, -2, -3, 1, 2, 4
-_REQUEST_HEADERS = {
-    b"connection": _HOP,
-    b"keep-alive": _HOP,
-    b"proxy-connection": _HOP,
-    b"te": _HOP,
-    b"trailer": _HOP,
-    b"upgrade": _HOP,
-    b"x-forwarded-for": _XFF,
-    b"host": _HOST,
-    b"transfer-encoding": _TE,
-    b"x-forwarded-proto": _PROTO,
-    b"x-forwarded-host": _FWD_HOST,
-    b"x-request-id": _REQUEST_ID,
-}
-"""Request headers the head rewrite looks at; the flags record which the client sent."""
+_CRLF = frozenset(b"\r\n")
 _CONNECTION_WORDS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 """``Connection`` values that name no header."""
 _STATUS = {
@@ -133,10 +131,10 @@ class _Exchange:
         "endpoint",
         "error",
         "head",
-        "headers",
         "http10",
         "keep_alive",
         "method",
+        "raw",
         "replayable",
         "response_started",
         "router",
@@ -144,13 +142,12 @@ class _Exchange:
         "started",
         "tried",
         "upgrade",
-        "url",
     )
 
-    def __init__(self, url: bytes) -> None:
-        self.url = url
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.method = b""
+    def __init__(self, method: bytes, raw: bytes) -> None:
+        self.method = method
+        self.raw = raw
+        """The head as the client sent it."""
         self.http10 = False
         self.keep_alive = True
         self.upgrade = False
@@ -172,6 +169,23 @@ class _Exchange:
         self.tried: set[str] = set()
         self.error: bytes = b""
         """An answer of the proxy's own, sent once the request's body has been read."""
+
+
+def _strip_hop_by_hop(head: bytes) -> bytes:
+    """A response head less its hop-by-hop lines (and those its ``Connection`` names)."""
+    low = head.lower()
+    at = low.find(b"\r\nconnection:")
+    if at >= 0:
+        end = low.find(b"\r\n", at + 2)
+        value = low[at + 13 : end].strip()
+        if value not in _CONNECTION_WORDS:  # it may name more hop-by-hop headers
+            return _RESPONSE_HOP.sub(b"", _drop_named(head, value))
+        if _HOP_NAMES.search(low) or low.find(b"\r\nconnection:", end) >= 0:
+            return _RESPONSE_HOP.sub(b"", head)
+        return head[:at] + head[end:]  # the usual case: only Connection itself to drop
+    if _HOP_NAMES.search(low):
+        return _RESPONSE_HOP.sub(b"", head)
+    return head
 
 
 def _drop_named(head: bytes, value: bytes) -> bytes:
@@ -476,11 +490,21 @@ class _Client(asyncio.Protocol):
     """One client connection: requests parsed, queued and answered in order."""
 
     __slots__ = (
+        "body_at",
+        "body_seen",
         "broken",
+        "chunks",
+        "chunks_end",
         "client_ip",
         "client_ip_b",
         "closed",
+        "feeding",
         "forwarded",
+        "head_first",
+        "head_more",
+        "head_start",
+        "heads",
+        "in_body",
         "last_active",
         "parser",
         "parsing",
@@ -488,6 +512,7 @@ class _Client(asyncio.Protocol):
         "proxy",
         "queue",
         "recent",
+        "rest",
         "transport",
         "tunnel",
         "tunnel_eofs",
@@ -509,6 +534,26 @@ class _Client(asyncio.Protocol):
         """A request could not be parsed: answer 400 after those before it, then close."""
         self.queue: deque[_Exchange] = deque()
         self.parsing: _Exchange | None = None
+        """The request whose body is being read."""
+        # Where requests start and end in the reads: llhttp does not say.
+        self.feeding = b""
+        """The read being parsed."""
+        self.rest = False
+        """The next request started in an earlier read: at ``head_start`` in ``head_first``,
+        continued in ``head_more``."""
+        self.head_first = b""
+        self.head_start = 0
+        self.head_more: list[bytes] | None = None
+        self.in_body = False
+        self.body_at = 0
+        """Where the body of ``parsing`` starts in the read being parsed."""
+        self.body_seen = 0
+        """Body bytes of ``parsing`` in the read being parsed."""
+        self.chunks: ChunkedEnd | None = None
+        """Follows a chunked body's framing; ``chunks_end``: its end in this read, or -1."""
+        self.chunks_end = -1
+        self.heads: dict[bytes, tuple[bytes, int]] = {}
+        """Request heads this client sent -> their rewrite (less the request id)."""
         self.closed = False
         self.paused = False
         self.tunnel: _Upstream | None = None
@@ -541,6 +586,20 @@ class _Client(asyncio.Protocol):
         if self.upgrading is not None:
             self._early_tunnel_bytes(data)
             return
+        # Where the next request starts: its head is taken from the reads.
+        if self.in_body:  # the body of a request goes on in this read
+            self.body_at = self.body_seen = 0
+            if self.chunks is not None:
+                self.chunks_end = self.chunks.scan(data)
+        elif not self.rest:  # the next request starts this read
+            self.head_first = data
+            self.head_start = 0
+            self.rest = True
+        elif self.head_more is None:  # a head that started in an earlier read
+            self.head_more = [data]
+        else:
+            self.head_more.append(data)
+        self.feeding = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -571,6 +630,8 @@ class _Client(asyncio.Protocol):
         """The replica answered the upgrade with a plain response: back to HTTP."""
         self.upgrading = None
         self.parser = httptools.HttpRequestParser(self)
+        self.rest = self.in_body = False
+        self.head_more = self.chunks = None
         held, self.upgrade_buffer = self.upgrade_buffer, []
         if self.paused and len(self.queue) <= MAX_PIPELINED:
             self.paused = False
@@ -620,37 +681,63 @@ class _Client(asyncio.Protocol):
 
     # -- llhttp callbacks (requests)
 
-    def on_url(self, url: bytes) -> None:
-        """The first callback of a request (there is no ``on_message_begin``: one
-        call fewer per request); a URL split over reads arrives in pieces."""
-        ex = self.parsing
-        if ex is None:
-            ex = self.parsing = _Exchange(url)
-            queue = self.queue
-            queue.append(ex)
-            if len(queue) > MAX_PIPELINED and not self.paused:
-                self.paused = True
-                self.transport.pause_reading()
-        else:
-            ex.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.parsing.headers.append((name, value))  # type: ignore[union-attr]
-
     def on_headers_complete(self) -> None:
-        ex = self.parsing
-        assert ex is not None
+        """A request's head is complete. llhttp has checked it; its bytes are
+        taken from the reads (no callback per header or for the URL) and
+        rewritten by ``heads`` -- or not: a client tends to send the same head
+        again, and the rewrite is remembered per connection."""
+        data = self.feeding
+        more = self.head_more
+        if more is None:
+            buf = data
+        else:
+            buf = b"".join((self.head_first, *more))
+            self.head_more = None
+        start = self.head_start
+        if buf[start] in _CRLF:  # empty lines before a request
+            start = len(buf) - len(buf[start:].lstrip(b"\r\n"))
+        end = buf.find(b"\r\n\r\n", start) + 4
+        raw = buf if start == 0 and end == len(buf) else buf[start:end]
+        self.in_body = True
+        self.body_at = end - len(buf) + len(data)
+        self.body_seen = 0
         p = self.parser
-        ex.method = p.get_method()
+        ex = self.parsing = _Exchange(p.get_method(), raw)
+        queue = self.queue
+        queue.append(ex)
+        if len(queue) > MAX_PIPELINED and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
         if not p.should_keep_alive():
             ex.keep_alive = False
-            ex.http10 = p.get_http_version() == "1.0"
-        # else HTTP/1.1, unless a Connection header asked 1.0 to keep alive: _build_head checks
         if p.should_upgrade():
             ex.upgrade = True
             ex.replayable = False
-        ex.head = self._build_head(ex)
-        if ex is self.queue[0]:
+        heads = self.heads
+        known = heads.get(raw)
+        if known is None:
+            known = rewrite_request(raw, self.forwarded, self.client_ip_b, ex.upgrade)
+            if len(heads) >= CLIENT_HEAD_CACHE:
+                heads.clear()
+            heads[raw] = known
+        head, flags = known
+        if flags & NEEDS_ID:
+            proxy = self.proxy
+            proxy.request_ids += 1
+            ex.head = b"%sX-Request-Id: %s%x\r\n\r\n" % (
+                head,
+                proxy.request_id_prefix,
+                proxy.request_ids,
+            )
+        else:
+            ex.head = head + b"\r\n"
+        if flags & (HTTP10 | CHUNKED):
+            ex.http10 = bool(flags & HTTP10)
+            if flags & CHUNKED:
+                ex.chunked = True
+                chunks = self.chunks = ChunkedEnd()
+                self.chunks_end = chunks.scan(data, self.body_at)
+        if ex is queue[0]:
             self.dispatch(ex)
 
     def on_body(self, body: bytes) -> None:
@@ -660,6 +747,7 @@ class _Client(asyncio.Protocol):
             return  # answered by the proxy itself: the body goes nowhere
         data = _chunk(body) if ex.chunked else body
         ex.body_bytes += len(body)
+        self.body_seen += len(body)
         if ex.sent and ex.conn is not None and not ex.conn.closed:
             ex.conn.transport.write(data)
             if ex.replayable and ex.body_bytes <= RETRY_BODY_LIMIT and not ex.response_started:
@@ -680,6 +768,19 @@ class _Client(asyncio.Protocol):
         assert ex is not None
         ex.body_done = True
         self.parsing = None
+        # The next request starts in this read after this one's body, or in the next read.
+        self.in_body = False
+        if self.chunks is not None:
+            end = self.chunks_end
+            self.chunks = None
+            if end < 0:  # cannot be: llhttp and the scan read the same bytes
+                raise httptools.HttpParserError("chunked body framing out of step")
+        else:
+            end = self.body_at + self.body_seen
+        data = self.feeding
+        self.head_first = data
+        self.head_start = end
+        self.rest = end < len(data)
         if ex.error:
             if ex is self.current():
                 self._write_error(ex)
@@ -798,19 +899,16 @@ class _Client(asyncio.Protocol):
         if status == 101:
             head = _RESPONSE_HOP_101.sub(b"", head)
         else:
-            low = head.lower()
-            at = low.find(b"\r\nconnection:")
-            if at >= 0:
-                end = low.find(b"\r\n", at + 2)
-                value = low[at + 13 : end].strip()
-                if value not in _CONNECTION_WORDS:  # it may name more hop-by-hop headers
-                    head = _RESPONSE_HOP.sub(b"", _drop_named(head, value))
-                elif _HOP_NAMES.search(low) or low.find(b"\r\nconnection:", end) >= 0:
-                    head = _RESPONSE_HOP.sub(b"", head)
-                else:  # the usual case: only Connection itself to drop
-                    head = head[:at] + head[end:]
-            elif _HOP_NAMES.search(low):
-                head = _RESPONSE_HOP.sub(b"", head)
+            # A replica sends the same head again and again (within a second, even
+            # its Date): the rewrite is looked up rather than done anew.
+            heads = self.proxy.heads
+            stripped = heads.get(head)
+            if stripped is None:
+                stripped = _strip_hop_by_hop(head)
+                if len(heads) >= HEAD_CACHE:
+                    heads.clear()
+                heads[head] = stripped
+            head = stripped
             if ex.http10 or not ex.keep_alive:
                 head = self._downgrade_head(ex, conn, status, head)
         if status >= 500:
@@ -918,76 +1016,8 @@ class _Client(asyncio.Protocol):
             return None
         kind, _, name = on.partition(":")
         lname = name.lower().encode()
-        if kind == "header":
-            for n, v in ex.headers:
-                if n.lower() == lname:
-                    return v.decode("latin-1")
-            return None
-        for n, v in ex.headers:
-            if n.lower() == b"cookie":
-                for part in v.split(b";"):
-                    k, _, val = part.strip().partition(b"=")
-                    if k.lower() == lname:
-                        return val.decode("latin-1")
-        return None
-
-    def _build_head(self, ex: _Exchange, drop: frozenset[bytes] = frozenset()) -> bytes:
-        """The head sent upstream; notes whether the body is chunked.
-
-        One pass over the headers, one dictionary lookup each; a second pass
-        only when ``Connection`` names more hop-by-hop headers (rare), which
-        are then dropped too.
-        """
-        out = [ex.method, b" ", ex.url, b" HTTP/1.1\r\n"]
-        xff = b""
-        host = b""
-        seen = 0
-        kind_of = _REQUEST_HEADERS.get
-        for name, value in ex.headers:
-            lname = name.lower()
-            kind = kind_of(lname)
-            if kind is None:
-                if not drop or lname not in drop:
-                    out += (name, b": ", value, b"\r\n")
-                continue
-            if kind == _HOP:
-                if lname == b"connection" and not drop:
-                    if ex.keep_alive:  # keep-alive asked by name: perhaps HTTP/1.0
-                        ex.http10 = self.parser.get_http_version() == "1.0"
-                    named = frozenset(t.strip().lower() for t in value.split(b","))
-                    if named - _CONNECTION_WORDS:
-                        return self._build_head(ex, named - _CONNECTION_WORDS)
-                continue
-            if kind == _XFF:
-                xff = xff + b", " + value if xff else value
-                continue
-            if kind == _HOST:
-                host = value
-            elif kind == _TE:
-                ex.chunked = b"chunked" in value.lower()
-            else:
-                seen |= kind
-            out += (name, b": ", value, b"\r\n")
-        if xff or seen & _PROTO:
-            ip = self.client_ip_b
-            out += (b"X-Forwarded-For: ", xff + b", " + ip if xff else ip, b"\r\n")
-            if not seen & _PROTO:
-                out.append(b"X-Forwarded-Proto: http\r\n")
-        else:
-            out.append(self.forwarded)
-        if host and not seen & _FWD_HOST:
-            out += (b"X-Forwarded-Host: ", host, b"\r\n")
-        if not seen & _REQUEST_ID:
-            proxy = self.proxy
-            proxy.request_ids += 1
-            out.append(b"X-Request-Id: %s%x\r\n" % (proxy.request_id_prefix, proxy.request_ids))
-        if ex.upgrade:
-            for name, value in ex.headers:
-                if name.lower() == b"upgrade":
-                    out += (b"Connection: Upgrade\r\nUpgrade: ", value, b"\r\n")
-                    break
-        out.append(b"\r\n")
-        return b"".join(out)
+        value = header_value(ex.raw, lname) if kind == "header" else cookie_value(ex.raw, lname)
+        return value.decode("latin-1") if value is not None else None
 
 
 class HttpProxy:
@@ -1005,6 +1035,8 @@ class HttpProxy:
         self.timeouts = timeouts or HttpTimeouts()
         self.pool = _Pool(self)
         self.clients: set[_Client] = set()
+        self.heads: dict[bytes, bytes] = {}
+        """Response heads as replicas sent them -> without their hop-by-hop lines."""
         self.request_id_prefix = os.urandom(4).hex().encode() + b"-"
         self.request_ids = 0
         """Requests given an id: ids are the prefix (random per listener) and this, in hex."""
