@@ -50,6 +50,7 @@ from .tcp import _tune
 __all__ = ["HttpProxy", "HttpTimeouts"]
 
 log = logging.getLogger(__name__)
+_monotonic = time.monotonic
 
 RETRIES = 2
 """Extra tries of an idempotent request, each on another replica when there is one."""
@@ -76,6 +77,11 @@ _CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*chunked", re.I)
 _TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*", re.I)
 _CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 _CRLF = frozenset(b"\r\n")
+_CLOSE = 8
+"""Flag (beside those of ``heads``): the request asks the connection to close after it."""
+_UPGRADE = 16
+"""Flag: the request asks for an upgrade (WebSocket, say)."""
+_UNUSUAL = _CLOSE | _UPGRADE | HTTP10 | CHUNKED
 _CONNECTION_WORDS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 """``Connection`` values that name no header."""
 _STATUS = {
@@ -144,20 +150,26 @@ class _Exchange:
         "upgrade",
     )
 
-    def __init__(self, method: bytes, raw: bytes) -> None:
+    def __init__(self, method: bytes, raw: bytes, head: bytes, flags: int) -> None:
         self.method = method
         self.raw = raw
-        """The head as the client sent it."""
-        self.http10 = False
+        """The head as the client sent it; ``head``: as it is sent to the replica."""
+        self.head = head
         self.keep_alive = True
         self.upgrade = False
+        self.http10 = False
         self.chunked = False
-        self.head = b""
+        self.replayable = True
+        """The whole body is still held: the request can be sent again."""
+        if flags & _UNUSUAL:
+            self.keep_alive = not flags & _CLOSE
+            self.upgrade = bool(flags & _UPGRADE)
+            self.replayable = not self.upgrade
+            self.http10 = bool(flags & HTTP10)
+            self.chunked = bool(flags & CHUNKED)
         self.body: list[bytes] = []
         self.body_bytes = 0
         self.body_done = False
-        self.replayable = True
-        """The whole body is still held: the request can be sent again."""
         self.sent = False
         self.response_started = False
         self.conn: _Upstream | None = None
@@ -231,6 +243,7 @@ class _Upstream(asyncio.Protocol):
         "head_start",
         "idle_since",
         "key",
+        "last_head",
         "out",
         "parser",
         "pool",
@@ -259,6 +272,8 @@ class _Upstream(asyncio.Protocol):
         """The read being parsed."""
         self.out: list[bytes] = []
         """Bytes for the client from one read, written together: one send, not three."""
+        self.last_head = b""
+        """The last response's head as it came: the next one is likely the same."""
         self.closed = False
         self.reused = False
         self.tunnel = False
@@ -293,7 +308,7 @@ class _Upstream(asyncio.Protocol):
             self._start_tunnel(data[upgrade.args[0] :])
             return
         except httptools.HttpParserError as exc:
-            self.pool.proxy.stats["bad_responses"] += 1
+            self.pool.proxy.counts["bad_responses"] += 1
             client = self.client
             self.close()
             if client is not None and ex is client.current():
@@ -304,7 +319,8 @@ class _Upstream(asyncio.Protocol):
             return
         if self.exchange is ex and self.body_from is not None:
             self._body(data)  # a body that goes on in later reads
-        self._flush(client)
+        if self.out:
+            self._flush(client)
 
     def _body(self, data: bytes) -> None:
         part = data[self.body_from :] if self.body_from else data
@@ -364,20 +380,29 @@ class _Upstream(asyncio.Protocol):
             return
         status = self.parser.get_status_code()
         parts = self.head_parts
-        buf = parts[0] if len(parts) == 1 else b"".join(parts)
-        end = buf.find(b"\r\n\r\n", self.head_start) + 4
-        head = buf[self.head_start : end]
-        # The read being parsed is the last part: where its body starts.
-        body_from = end - (len(buf) - len(parts[-1]))
+        last = self.last_head
+        if len(parts) == 1 and not self.head_start and parts[0].startswith(last) and last:
+            # The usual: the same head as the last response on this connection.
+            head = last
+            body_from = len(last)
+        else:
+            buf = parts[0] if len(parts) == 1 else b"".join(parts)
+            end = buf.find(b"\r\n\r\n", self.head_start) + 4
+            head = buf[self.head_start : end]
+            # The read being parsed is the last part: where its body starts.
+            body_from = end - (len(buf) - len(parts[-1]))
+            if status >= 200 or status == 101:
+                self.last_head = head
         if 100 <= status < 200 and status != 101:  # interim: the final answer follows
             if not ex.http10:
                 self.out.append(_RESPONSE_HOP.sub(b"", head))
-            self.head_start = end
+            self.head_start += len(head)
             return
         self.head_parts = []
         self.head_start = 0
         ex.response_started = True
-        ex.body = []  # no replay once the answer started
+        if ex.body:
+            ex.body = []  # no replay once the answer started
         self.out.append(client.response_head(ex, self, status, head))
         if status == 101:
             self.upgraded = True  # llhttp reports the rest as an upgrade
@@ -449,13 +474,15 @@ class _Pool:
             if not conn.closed and not conn.transport.is_closing():
                 conn.reused = True
                 conn.endpoint = ep
-                self.proxy.stats["pool_reused"] += 1
+                self.proxy.pool_reused += 1
                 return conn
         return None
 
     def release(self, conn: _Upstream) -> None:
-        conns = self.idle.setdefault(conn.key, [])
-        if len(conns) >= POOL_IDLE_PER_ENDPOINT:
+        conns = self.idle.get(conn.key)
+        if conns is None:
+            conns = self.idle[conn.key] = []
+        elif len(conns) >= POOL_IDLE_PER_ENDPOINT:
             conn.close()
             return
         conn.idle_since = 0.0  # the next sweep starts its idle clock
@@ -506,6 +533,8 @@ class _Client(asyncio.Protocol):
         "heads",
         "in_body",
         "last_active",
+        "last_known",
+        "last_raw",
         "parser",
         "parsing",
         "paused",
@@ -552,7 +581,10 @@ class _Client(asyncio.Protocol):
         self.chunks: ChunkedEnd | None = None
         """Follows a chunked body's framing; ``chunks_end``: its end in this read, or -1."""
         self.chunks_end = -1
-        self.heads: dict[bytes, tuple[bytes, int]] = {}
+        self.heads: dict[bytes, tuple[bytes, bytes, int]] = {}
+        self.last_raw = b""
+        """The last request head, and (``last_known``) what was made of it."""
+        self.last_known: tuple[bytes, bytes, int] = (b"", b"", 0)
         """Request heads this client sent -> their rewrite (less the request id)."""
         self.closed = False
         self.paused = False
@@ -576,7 +608,7 @@ class _Client(asyncio.Protocol):
         self.forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % self.client_ip_b
         self.last_active = time.monotonic()
         self.proxy.clients.add(self)
-        self.proxy.stats["connections"] += 1
+        self.proxy.counts["connections"] += 1
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -606,7 +638,7 @@ class _Client(asyncio.Protocol):
             self.upgrading = self.queue[-1] if self.queue else None
             self._early_tunnel_bytes(data[upgrade.args[0] :])
         except httptools.HttpParserError as exc:
-            self.proxy.stats["bad_requests"] += 1
+            self.proxy.counts["bad_requests"] += 1
             bad = self.parsing
             if bad is not None and self.queue and self.queue[-1] is bad and not bad.sent:
                 self.queue.pop()  # never sent: the requests before it are still answered
@@ -688,57 +720,68 @@ class _Client(asyncio.Protocol):
         again, and the rewrite is remembered per connection."""
         data = self.feeding
         more = self.head_more
-        if more is None:
-            buf = data
+        if not self.head_start and more is None and data == self.last_raw:
+            # The usual: a read that is one request, the same as the last one.
+            raw = data
+            known = self.last_known
+            self.body_at = len(data)
         else:
-            buf = b"".join((self.head_first, *more))
-            self.head_more = None
-        start = self.head_start
-        if buf[start] in _CRLF:  # empty lines before a request
-            start = len(buf) - len(buf[start:].lstrip(b"\r\n"))
-        end = buf.find(b"\r\n\r\n", start) + 4
-        raw = buf if start == 0 and end == len(buf) else buf[start:end]
+            if more is None:
+                buf = data
+            else:
+                buf = b"".join((self.head_first, *more))
+                self.head_more = None
+            start = self.head_start
+            if buf[start] in _CRLF:  # empty lines before a request
+                start = len(buf) - len(buf[start:].lstrip(b"\r\n"))
+            end = buf.find(b"\r\n\r\n", start) + 4
+            raw = buf if start == 0 and end == len(buf) else buf[start:end]
+            self.body_at = end - len(buf) + len(data)
+            heads = self.heads
+            known = heads.get(raw)
+            if known is None:
+                known = self._rewrite(raw)
+                if len(heads) >= CLIENT_HEAD_CACHE:
+                    heads.clear()
+                heads[raw] = known
+            self.last_raw = raw
+            self.last_known = known
         self.in_body = True
-        self.body_at = end - len(buf) + len(data)
         self.body_seen = 0
-        p = self.parser
-        ex = self.parsing = _Exchange(p.get_method(), raw)
-        queue = self.queue
-        queue.append(ex)
-        if len(queue) > MAX_PIPELINED and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
-        if not p.should_keep_alive():
-            ex.keep_alive = False
-        if p.should_upgrade():
-            ex.upgrade = True
-            ex.replayable = False
-        heads = self.heads
-        known = heads.get(raw)
-        if known is None:
-            known = rewrite_request(raw, self.forwarded, self.client_ip_b, ex.upgrade)
-            if len(heads) >= CLIENT_HEAD_CACHE:
-                heads.clear()
-            heads[raw] = known
-        head, flags = known
+        method, head, flags = known
         if flags & NEEDS_ID:
             proxy = self.proxy
             proxy.request_ids += 1
-            ex.head = b"%sX-Request-Id: %s%x\r\n\r\n" % (
+            head = b"%sX-Request-Id: %s%x\r\n\r\n" % (
                 head,
                 proxy.request_id_prefix,
                 proxy.request_ids,
             )
         else:
-            ex.head = head + b"\r\n"
-        if flags & (HTTP10 | CHUNKED):
-            ex.http10 = bool(flags & HTTP10)
-            if flags & CHUNKED:
-                ex.chunked = True
-                chunks = self.chunks = ChunkedEnd()
-                self.chunks_end = chunks.scan(data, self.body_at)
+            head += b"\r\n"
+        ex = self.parsing = _Exchange(method, raw, head, flags)
+        queue = self.queue
+        queue.append(ex)
+        if len(queue) > MAX_PIPELINED and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        if flags & CHUNKED:
+            chunks = self.chunks = ChunkedEnd()
+            self.chunks_end = chunks.scan(data, self.body_at)
         if ex is queue[0]:
             self.dispatch(ex)
+
+    def _rewrite(self, raw: bytes) -> tuple[bytes, bytes, int]:
+        """What the proxy makes of a head: method, head to send (less its request
+        id and final line) and flags; all of it a function of the head's bytes."""
+        p = self.parser
+        upgrade = p.should_upgrade()
+        head, flags = rewrite_request(raw, self.forwarded, self.client_ip_b, upgrade)
+        if not p.should_keep_alive():
+            flags |= _CLOSE
+        if upgrade:
+            flags |= _UPGRADE
+        return p.get_method(), head, flags
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
@@ -801,11 +844,11 @@ class _Client(asyncio.Protocol):
         proxy = self.proxy
         router = proxy.router
         if router is None or not router.active:
-            proxy.stats["no_endpoint"] += 1
+            proxy.counts["no_endpoint"] += 1
             self._answer_error(ex, 503, f"no healthy replica of {proxy.name}")
             return
-        key = self._hash_key(ex, router) if router.balance.policy == "hash" else None
-        now = time.monotonic()
+        key = self._hash_key(ex, router) if router.hashing else None
+        now = _monotonic()
         ep = router.pick(self.client_ip, key, ex.tried, now)
         if ep is None:
             self._answer_error(ex, 502, f"no reachable replica of {proxy.name}")
@@ -819,7 +862,7 @@ class _Client(asyncio.Protocol):
         if conn is not None:
             self._send(ex, conn)
         else:
-            proxy.stats["pool_new"] += 1
+            proxy.counts["pool_new"] += 1
             asyncio.get_running_loop().create_task(self._connect_and_send(ex, ep))
 
     async def _connect_and_send(self, ex: _Exchange, ep: Endpoint) -> None:
@@ -831,7 +874,7 @@ class _Client(asyncio.Protocol):
                     lambda: _Upstream(proxy.pool, (ep.address, ep.port), ep), ep.address, ep.port
                 )
         except (OSError, TimeoutError) as exc:
-            proxy.stats["connect_failures"] += 1
+            proxy.counts["connect_failures"] += 1
             if not self.closed and ex is self.current():
                 self.upstream_failed(
                     ex, f"cannot connect to a replica: {exc!r}", retry=True, unsent=True
@@ -882,7 +925,7 @@ class _Client(asyncio.Protocol):
             and (stale or len(ex.tried) <= RETRIES)
         )
         if can_retry and not self.closed:
-            proxy.stats["retries"] += 1
+            proxy.counts["retries"] += 1
             if stale:  # a pooled connection the replica had closed: same replica is fine
                 ex.tried.discard(failed_id)
             ex.sent = False
@@ -912,7 +955,7 @@ class _Client(asyncio.Protocol):
             if ex.http10 or not ex.keep_alive:
                 head = self._downgrade_head(ex, conn, status, head)
         if status >= 500:
-            self.proxy.stats["responses_5xx"] += 1
+            self.proxy.counts["responses_5xx"] += 1
         ep = ex.endpoint
         if ep is not None:
             now = time.monotonic()
@@ -933,7 +976,7 @@ class _Client(asyncio.Protocol):
 
     def exchange_done(self, ex: _Exchange) -> None:
         """The response to ``ex`` is complete: next request, or close."""
-        self.proxy.stats["requests"] += 1
+        self.proxy.requests += 1
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
         if not ex.keep_alive:
@@ -950,14 +993,14 @@ class _Client(asyncio.Protocol):
         if self.paused and len(self.queue) <= MAX_PIPELINED:
             self.paused = False
             self.transport.resume_reading()
-        if self.queue and self.queue[0].method:  # its head is parsed
+        if self.queue:
             self.dispatch(self.queue[0])
 
     def tunnel_to(self, conn: _Upstream) -> None:
         """``101``: from now on bytes flow as they are, both ways."""
         self.tunnel = conn
         self.upgrading = None
-        self.proxy.stats["upgrades"] += 1
+        self.proxy.counts["upgrades"] += 1
         self.queue.clear()
         held, self.upgrade_buffer = self.upgrade_buffer, []
         if held:
@@ -987,7 +1030,7 @@ class _Client(asyncio.Protocol):
 
     def _answer_error(self, ex: _Exchange, status: int, message: str) -> None:
         """Answer ``ex`` with an error of the proxy's own once its body has been read."""
-        self.proxy.stats[f"errors_{status}"] += 1
+        self.proxy.counts[f"errors_{status}"] += 1
         ex.error = _error_response(status, message, not ex.keep_alive)
         ex.body = []
         if ex.body_done:
@@ -1001,7 +1044,7 @@ class _Client(asyncio.Protocol):
         self.exchange_done(ex)
 
     def abort(self, why: str) -> None:
-        self.proxy.stats["aborted"] += 1
+        self.proxy.counts["aborted"] += 1
         log.debug("%s: aborting a client connection: %s", self.proxy.name, why)
         self.close()
 
@@ -1040,9 +1083,10 @@ class HttpProxy:
         self.request_id_prefix = os.urandom(4).hex().encode() + b"-"
         self.request_ids = 0
         """Requests given an id: ids are the prefix (random per listener) and this, in hex."""
-        self.stats: dict[str, int] = {
+        self.requests = 0
+        self.pool_reused = 0
+        self.counts: dict[str, int] = {
             "connections": 0,
-            "requests": 0,
             "retries": 0,
             "connect_failures": 0,
             "no_endpoint": 0,
@@ -1054,13 +1098,17 @@ class HttpProxy:
             "errors_504": 0,
             "aborted": 0,
             "upgrades": 0,
-            "pool_reused": 0,
             "pool_new": 0,
             "timeouts": 0,
         }
 
     def __call__(self) -> asyncio.Protocol:
         return _Client(self)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters since the listener started (the two counted per request are attributes)."""
+        return {**self.counts, "requests": self.requests, "pool_reused": self.pool_reused}
 
     def active(self) -> int:
         return len(self.clients)
@@ -1077,7 +1125,7 @@ class HttpProxy:
                 elif client.tunnel is None and now - client.last_active > t.client_idle:
                     client.close()
             elif ex.sent and not ex.response_started and now - ex.started > t.response:
-                self.stats["timeouts"] += 1
+                self.counts["timeouts"] += 1
                 conn = ex.conn
                 ex.conn = None
                 if conn is not None:

@@ -42,6 +42,8 @@ class Router:
         self.balance = balance
         self.policy = make_policy(balance.policy, rng or random.Random())
         self._blind = balance.policy in _CONTEXT_FREE
+        self.hashing = balance.policy == "hash"
+        """Picks need the request's hash key."""
         self._blind_ctx = PickContext("")
         self.outliers = OutlierDetector(outlier)
         self.local_node = local_node
