@@ -895,13 +895,12 @@ class _Client(asyncio.Protocol):
         conn.client = self
         conn.exchange = ex
         ex.conn = conn
-        conn.transport.write(ex.head if not ex.body else ex.head + b"".join(ex.body))
+        body = ex.body
+        conn.transport.write(ex.head + b"".join(body) if body else ex.head)
         if self.paused and len(self.queue) <= MAX_PIPELINED:
             self.paused = False
             self.transport.resume_reading()
-        if ex.upgrade:
-            return
-        if not ex.replayable:
+        if body and not ex.replayable and not ex.upgrade:
             ex.body = []
 
     def upstream_failed(
@@ -977,24 +976,26 @@ class _Client(asyncio.Protocol):
     def exchange_done(self, ex: _Exchange) -> None:
         """The response to ``ex`` is complete: next request, or close."""
         self.proxy.requests += 1
-        if self.queue and self.queue[0] is ex:
-            self.queue.popleft()
+        queue = self.queue
+        if queue and queue[0] is ex:
+            queue.popleft()
         if not ex.keep_alive:
             self.close()
             return
-        if self.broken and not self.queue:
-            self.transport.write(_error_response(400, self.broken, True))
-            self.close()
-            return
-        if self.upgrading is ex:
-            self._upgrade_refused()
-            if self.closed:
+        if self.broken or self.paused or self.upgrading is not None:
+            if self.broken and not queue:
+                self.transport.write(_error_response(400, self.broken, True))
+                self.close()
                 return
-        if self.paused and len(self.queue) <= MAX_PIPELINED:
-            self.paused = False
-            self.transport.resume_reading()
-        if self.queue:
-            self.dispatch(self.queue[0])
+            if self.upgrading is ex:
+                self._upgrade_refused()
+                if self.closed:
+                    return
+            if self.paused and len(queue) <= MAX_PIPELINED:
+                self.paused = False
+                self.transport.resume_reading()
+        if queue:
+            self.dispatch(queue[0])
 
     def tunnel_to(self, conn: _Upstream) -> None:
         """``101``: from now on bytes flow as they are, both ways."""
