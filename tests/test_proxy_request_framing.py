@@ -18,7 +18,7 @@ import httptools
 import pytest
 
 from meshd.proxy.balancing import Endpoint
-from meshd.proxy.http import HttpProxy, _Upstream
+from meshd.proxy.http import MAX_HEAD, HttpProxy, _Upstream
 from meshd.proxy.router import Router
 from meshd.spec import Balance
 
@@ -173,3 +173,33 @@ def test_the_same_head_again_gets_its_own_request_id() -> None:
     assert len(ids) == 4 and len(set(ids)) == 4
     assert all(h[b"x-forwarded-for"] == b"127.0.0.1" for h in received.heads)
     assert all(h[b"x-forwarded-host"] == b"h" for h in received.heads)
+
+
+def _big_head(size: int) -> bytes:
+    return b"GET /big HTTP/1.1\r\nHost: h\r\nX-Pad: " + b"p" * size + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("piece", [None, 1000])
+def test_a_head_too_large_is_refused_after_the_requests_before_it(piece: int | None) -> None:
+    stream = b"GET /first HTTP/1.1\r\nHost: h\r\n\r\n" + _big_head(MAX_HEAD)
+    reads = (
+        [stream] if piece is None else [stream[i : i + piece] for i in range(0, len(stream), piece)]
+    )
+    client, client_transport, upstream, upstream_transport = _proxy_pair()
+    for data in reads:
+        if client_transport.closed:
+            break
+        client.data_received(data)
+    assert len(upstream_transport.written) == 1  # only /first went to the replica
+    assert not client_transport.closed  # /first is answered first
+    upstream.data_received(RESPONSE)
+    answers = b"".join(client_transport.written)
+    assert answers.startswith(b"HTTP/1.1 200 OK")
+    assert b"HTTP/1.1 431 Request Header Fields Too Large" in answers
+    assert client_transport.closed
+    assert client.proxy.stats["bad_requests"] == 1
+
+
+def test_a_large_head_within_the_limit_is_served() -> None:
+    received, answered = _run([_big_head(MAX_HEAD - 100)])
+    assert [r[1] for r in received.done] == [b"/big"] and answered == 1

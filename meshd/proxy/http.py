@@ -56,12 +56,16 @@ RETRIES = 2
 """Extra tries of an idempotent request, each on another replica when there is one."""
 RETRY_BODY_LIMIT = 64 * 1024
 """Bodies up to this size are kept until the response starts, so the request can be retried."""
+MAX_HEAD = 64 * 1024
+"""Largest request head accepted (431 beyond), like nginx's large_client_header_buffers."""
 MAX_PIPELINED = 32
 """Requests a client may queue behind the one in flight before its reads pause."""
 POOL_IDLE_PER_ENDPOINT = 256
 CLIENT_HEAD_CACHE = 16
 """Request heads remembered with their rewrite, per client connection; all forgotten when full."""
 HEAD_CACHE = 256
+CACHED_HEAD_MAX = 2048
+"""Heads longer than this are rewritten every time: the caches stay small (32 KiB a client)."""
 """Response heads remembered with their rewrite, per service port; all forgotten when full."""
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _RESPONSE_HOP = re.compile(
@@ -89,7 +93,12 @@ _STATUS = {
     502: b"Bad Gateway",
     504: b"Gateway Timeout",
     400: b"Bad Request",
+    431: b"Request Header Fields Too Large",
 }
+
+
+class HeadTooLarge(Exception):
+    """Raised in a parser callback: the request head exceeds ``MAX_HEAD``."""
 
 
 class HttpTimeouts:
@@ -529,6 +538,7 @@ class _Client(asyncio.Protocol):
         "forwarded",
         "head_first",
         "head_more",
+        "head_size",
         "head_start",
         "heads",
         "in_body",
@@ -559,8 +569,8 @@ class _Client(asyncio.Protocol):
         """Bytes after an upgrade request: the tunnel's if the replica agrees, else requests."""
         self.tunnel_eofs = 0
         self.write_paused = False
-        self.broken = ""
-        """A request could not be parsed: answer 400 after those before it, then close."""
+        self.broken = b""
+        """A request could not be read: this answer after those before it, then close."""
         self.queue: deque[_Exchange] = deque()
         self.parsing: _Exchange | None = None
         """The request whose body is being read."""
@@ -573,6 +583,7 @@ class _Client(asyncio.Protocol):
         self.head_first = b""
         self.head_start = 0
         self.head_more: list[bytes] | None = None
+        self.head_size = 0
         self.in_body = False
         self.body_at = 0
         """Where the body of ``parsing`` starts in the read being parsed."""
@@ -627,10 +638,16 @@ class _Client(asyncio.Protocol):
             self.head_first = data
             self.head_start = 0
             self.rest = True
-        elif self.head_more is None:  # a head that started in an earlier read
-            self.head_more = [data]
-        else:
-            self.head_more.append(data)
+        else:  # a head that started in an earlier read
+            if self.head_more is None:
+                self.head_more = [data]
+                self.head_size = len(self.head_first) - self.head_start + len(data)
+            else:
+                self.head_more.append(data)
+                self.head_size += len(data)
+            if self.head_size > MAX_HEAD:
+                self._refuse(431, f"request head larger than {MAX_HEAD} bytes")
+                return
         self.feeding = data
         try:
             self.parser.feed_data(data)
@@ -638,17 +655,25 @@ class _Client(asyncio.Protocol):
             self.upgrading = self.queue[-1] if self.queue else None
             self._early_tunnel_bytes(data[upgrade.args[0] :])
         except httptools.HttpParserError as exc:
-            self.proxy.counts["bad_requests"] += 1
-            bad = self.parsing
-            if bad is not None and self.queue and self.queue[-1] is bad and not bad.sent:
-                self.queue.pop()  # never sent: the requests before it are still answered
-                self._report(bad, ok=True)
-            self.parsing = None
-            self.broken = f"bad request: {exc}"
-            self.transport.pause_reading()
-            if not self.queue:
-                self.transport.write(_error_response(400, self.broken, True))
-                self.close()
+            if isinstance(exc.__context__, HeadTooLarge):
+                self._refuse(431, f"request head larger than {MAX_HEAD} bytes")
+            else:
+                self._refuse(400, f"bad request: {exc}")
+
+    def _refuse(self, status: int, why: str) -> None:
+        """The request being read cannot be served: the ones before it are
+        answered, then this answer, then the connection closes."""
+        self.proxy.counts["bad_requests"] += 1
+        bad = self.parsing
+        if bad is not None and self.queue and self.queue[-1] is bad and not bad.sent:
+            self.queue.pop()  # never sent: the requests before it are still answered
+            self._report(bad, ok=True)
+        self.parsing = None
+        self.broken = _error_response(status, why, True)
+        self.transport.pause_reading()
+        if not self.queue:
+            self.transport.write(self.broken)
+            self.close()
 
     def _early_tunnel_bytes(self, data: bytes) -> None:
         """Bytes after an upgrade request: held until the replica answers it."""
@@ -736,14 +761,17 @@ class _Client(asyncio.Protocol):
                 start = len(buf) - len(buf[start:].lstrip(b"\r\n"))
             end = buf.find(b"\r\n\r\n", start) + 4
             raw = buf if start == 0 and end == len(buf) else buf[start:end]
+            if len(raw) > MAX_HEAD:
+                raise HeadTooLarge
             self.body_at = end - len(buf) + len(data)
             heads = self.heads
             known = heads.get(raw)
             if known is None:
                 known = self._rewrite(raw)
-                if len(heads) >= CLIENT_HEAD_CACHE:
-                    heads.clear()
-                heads[raw] = known
+                if len(raw) <= CACHED_HEAD_MAX:
+                    if len(heads) >= CLIENT_HEAD_CACHE:
+                        heads.clear()
+                    heads[raw] = known
             self.last_raw = raw
             self.last_known = known
         self.in_body = True
@@ -947,9 +975,10 @@ class _Client(asyncio.Protocol):
             stripped = heads.get(head)
             if stripped is None:
                 stripped = _strip_hop_by_hop(head)
-                if len(heads) >= HEAD_CACHE:
-                    heads.clear()
-                heads[head] = stripped
+                if len(head) <= CACHED_HEAD_MAX:
+                    if len(heads) >= HEAD_CACHE:
+                        heads.clear()
+                    heads[head] = stripped
             head = stripped
             if ex.http10 or not ex.keep_alive:
                 head = self._downgrade_head(ex, conn, status, head)
@@ -984,7 +1013,7 @@ class _Client(asyncio.Protocol):
             return
         if self.broken or self.paused or self.upgrading is not None:
             if self.broken and not queue:
-                self.transport.write(_error_response(400, self.broken, True))
+                self.transport.write(self.broken)
                 self.close()
                 return
             if self.upgrading is ex:
