@@ -593,10 +593,10 @@ class _Client(asyncio.Protocol):
         """Follows a chunked body's framing; ``chunks_end``: its end in this read, or -1."""
         self.chunks_end = -1
         self.heads: dict[bytes, tuple[bytes, bytes, int]] = {}
+        """Request heads this client sent -> what was made of them (``_rewrite``)."""
         self.last_raw = b""
         """The last request head, and (``last_known``) what was made of it."""
         self.last_known: tuple[bytes, bytes, int] = (b"", b"", 0)
-        """Request heads this client sent -> their rewrite (less the request id)."""
         self.closed = False
         self.paused = False
         self.tunnel: _Upstream | None = None
