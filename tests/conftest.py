@@ -12,6 +12,7 @@ import inspect
 import itertools
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,6 +25,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO / "scripts"))
 
 from labhosts import Lab  # noqa: E402
+
+# A suite started in the background by a non-interactive shell (``cmd &``)
+# inherits SIGINT ignored, and so would every process it starts: a CLI or an
+# agent under test would then never see the Ctrl-C a test sends it. Tests run
+# as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 DOCKER_SOCK = "/var/run/docker.sock"
 TEST_IMAGE = "meshd-test/busybox:latest"
