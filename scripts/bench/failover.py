@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchstats import percentile
 from meshdlab import API_PORT, LabCluster
 
 WWW = Path("/tmp/meshd-bench-failover-www")
@@ -103,11 +104,6 @@ def wait_ready(cluster: LabCluster, want: int, avoid: str, limit: float) -> floa
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1])["t"] if lines else None
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
 def main() -> int:
@@ -183,7 +179,7 @@ def main() -> int:
         "leader_kills": leader_kills,
         "failed": failed,
         "p50_s": round(statistics.median(times), 3) if times else None,
-        "p99_s": round(percentile(times, 0.99), 3) if times else None,
+        "p99_s": round(percentile(times, 99) or 0.0, 3) if times else None,
         "max_s": round(max(times), 3) if times else None,
         "times_s": [round(t, 3) for t in times],
     }

@@ -28,7 +28,6 @@ import argparse
 import base64
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -47,6 +46,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
+from benchstats import percentile  # noqa: E402
 from labhosts import CHAIN_LOSS, Lab, LabError  # noqa: E402
 
 PORT = 7946
@@ -316,14 +316,6 @@ class Cluster:
 
 
 # ----- measurements ------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile: with fewer than 100 values p99 is the maximum."""
-    if not values:
-        return None
-    s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
 def _all_saw(agents: Sequence[Agent], member: str, since: float) -> Callable[[], bool]:

@@ -92,6 +92,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchstats import percentile  # noqa: E402
 from proxykit.meshd import Agent  # noqa: E402
 from proxykit.peers import (  # noqa: E402
     BIG_BYTES,
@@ -495,15 +496,6 @@ def route_changes(bench: Bench, workdir: Path) -> dict[str, Any]:
 
 
 # -- summary ---------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100); the max for q=99 under 100 samples."""
-    if not values:
-        return None
-    ordered_ = sorted(values)
-    rank = max(1, -(-len(ordered_) * q // 100))
-    return ordered_[int(rank) - 1]
 
 
 def _r(x: float | None, digits: int = 1) -> float | None:

@@ -24,6 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchstats import percentile
 from meshdlab import LabCluster
 
 WWW = Path("/tmp/meshd-bench-route-www")
@@ -72,11 +73,6 @@ def status_ms(cluster: LabCluster, node: str) -> int:
     if isinstance(doc, dict):
         return int(doc.get("updated_ms", 0))
     return int(json.loads(doc).get("updated_ms", 0))
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
 def main() -> int:
@@ -137,7 +133,7 @@ def main() -> int:
         "hosts": args.hosts,
         "changes": args.changes,
         "route_change_p50_ms": round(statistics.median(delays), 1),
-        "route_change_p99_ms": round(percentile(delays, 0.99), 1),
+        "route_change_p99_ms": round(percentile(delays, 99) or 0.0, 1),
         "route_change_max_ms": round(max(delays), 1),
         "samples_ms": delays,
     }

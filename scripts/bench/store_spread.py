@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchstats import percentile
 from meshdlab import API_PORT, LabCluster
 
 WATCHER = f"""
@@ -53,11 +54,6 @@ for j in range(n):
     print(json.dumps({{"j": j, "t": t0, "status": r.status, "ack_ms": (time.time() - t0) * 1000}}), flush=True)
     time.sleep(interval)
 """
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
 def main() -> None:
@@ -107,8 +103,8 @@ def main() -> None:
     result = {
         "hosts": args.hosts,
         "writes": args.writes,
-        "spread_p50_ms": round(pct(spreads, 50) * 1000, 1) if spreads else None,
-        "spread_p99_ms": round(pct(spreads, 99) * 1000, 1) if spreads else None,
+        "spread_p50_ms": round((percentile(spreads, 50) or 0.0) * 1000, 1) if spreads else None,
+        "spread_p99_ms": round((percentile(spreads, 99) or 0.0) * 1000, 1) if spreads else None,
         "spread_max_ms": round(max(spreads) * 1000, 1) if spreads else None,
         "write_ack_p50_ms": round(statistics.median(acks), 2) if acks else None,
         "missed": missed,
