@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO / "scripts"))
 
 from labhosts import Lab  # noqa: E402
+from proxy_fixtures import LOOPS, run_on  # noqa: E402
 
 # A suite started in the background by a non-interactive shell (``cmd &``)
 # inherits SIGINT ignored, and so would every process it starts: a CLI or an
@@ -216,3 +217,14 @@ def loopback_agent_argv(
         "--profile", "local",
         *more,
     ]  # fmt: skip
+
+
+@pytest.fixture(params=LOOPS)
+def run(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """Runs a socket scenario on each event loop (``proxy_fixtures.run_on``), so
+    a protocol detail one loop handles differently shows up in either."""
+
+    def runner(scenario: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
+        return run_on(request.param, scenario, timeout)
+
+    return runner

@@ -12,14 +12,12 @@ from typing import Any
 import pytest
 from conftest import async_wait_for
 from proxy_fixtures import (
-    LOOPS,
     assert_balanced,
     blackhole,
     connect,
     make_router,
     raw_backends,
     refused_port,
-    run_on,
     serve,
 )
 
@@ -31,14 +29,6 @@ pytestmark = pytest.mark.integration
 
 Run = Callable[..., Any]
 MB = 1024 * 1024
-
-
-@pytest.fixture(params=LOOPS)
-def run(request: pytest.FixtureRequest) -> Run:
-    def runner(scenario: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
-        return run_on(request.param, scenario, timeout)
-
-    return runner
 
 
 # ----- backends ----------------------------------------------------------------------
