@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -103,20 +103,26 @@ def cpu_shares(before: CpuTicks, after: CpuTicks) -> dict[str, dict[str, int]]:
     return out
 
 
-def others_ticks(ours: set[int]) -> dict[int, tuple[int, int]]:
-    """pid -> (start time, user + system ticks) of every process outside the groups
-    ``ours`` (kernel threads excluded): what other programs on the machine use."""
-    out = {}
+def _proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command name) of every live process."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+                stat = f.read()
+        except OSError:  # gone meanwhile
             continue
+        yield int(entry.name), stat.rsplit(")", 1)[1].split()
+
+
+def others_ticks(ours: set[int]) -> dict[int, tuple[int, int]]:
+    """pid -> (start time, user + system ticks) of every process outside the groups
+    ``ours`` (kernel threads excluded): what other programs on the machine use."""
+    out = {}
+    for pid, fields in _proc_stats():
         # fields[1] is the parent: kthreadd (2) and its children are the kernel's.
-        pid, ppid, pgid = int(entry.name), int(fields[1]), int(fields[2])
+        ppid, pgid = int(fields[1]), int(fields[2])
         if pgid in ours or pid == 2 or ppid == 2:
             continue
         out[pid] = (int(fields[19]), int(fields[11]) + int(fields[12]))
@@ -135,14 +141,7 @@ def ticks_between(before: dict[int, tuple[int, int]], after: dict[int, tuple[int
 def group_ticks(pgid: int) -> int:
     """CPU clock ticks (user + system) used so far by the live processes of a group."""
     total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
+    for _, fields in _proc_stats():
         if int(fields[2]) == pgid:
             total += int(fields[11]) + int(fields[12])
     return total
