@@ -75,14 +75,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
-import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,6 +107,7 @@ from proxykit.procs import (  # noqa: E402
     BenchError,
     Procs,
     accepts,
+    bench_main,
     cpu_shares,
     cpu_ticks,
     cpus_of,
@@ -710,10 +708,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _on_signal(_sig: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
     check_tools(args)
     cpus = choose_cpus(args.proxy_cpu)
@@ -748,28 +742,12 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
-    workdir = Path(tempfile.mkdtemp(prefix="meshd-bench-proxy-"))
-    try:
+
+    def measure(workdir: Path) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
-            report = run(args, workdir, stack)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
-        print(json.dumps(report, separators=(",", ":")))
-    else:
-        print_table(report)
-    return 0
+            return run(args, workdir, stack)
+
+    return bench_main("meshd-bench-proxy-", measure, print_table, keep=args.keep, as_json=args.json)
 
 
 if __name__ == "__main__":

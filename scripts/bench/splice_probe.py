@@ -40,14 +40,10 @@ import errno
 import fcntl
 import hashlib
 import http.client
-import json
 import os
-import shutil
-import signal
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +58,7 @@ from proxykit.procs import (  # noqa: E402
     BenchError,
     Procs,
     accepts,
+    bench_main,
     cpu_shares,
     cpu_ticks,
     free_port,
@@ -550,35 +547,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _on_signal(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.cmd == "serve":
         return serve_main(args)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
-    workdir = Path(tempfile.mkdtemp(prefix="meshd-bench-splice-"))
-    try:
-        rep = run(args, workdir)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
-        print(json.dumps(rep, separators=(",", ":")))
-    else:
-        print_table(rep)
-    return 0
+    return bench_main(
+        "meshd-bench-splice-",
+        lambda workdir: run(args, workdir),
+        print_table,
+        keep=args.keep,
+        as_json=args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -9,13 +9,18 @@ finishes, fails or is interrupted.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "BenchError",
@@ -235,3 +240,41 @@ class Procs:
 def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _stop(_sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def bench_main(
+    prefix: str,
+    measure: Callable[[Path], dict[str, Any]],
+    show: Callable[[dict[str, Any]], None],
+    *,
+    keep: bool,
+    as_json: bool,
+) -> int:
+    """A benchmark's outer shell: SIGTERM and SIGHUP stop it like Ctrl-C (its
+    ``measure`` cleans up on the way out), its work dir goes unless ``keep``,
+    errors become an exit status; the report is printed as a table or JSON."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        report = measure(workdir)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+    finally:
+        if keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if as_json:
+        print(json.dumps(report, separators=(",", ":")))
+    else:
+        show(report)
+    return 0
