@@ -8,6 +8,7 @@ slow one fails with a message that says what never happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import os
@@ -15,7 +16,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,16 @@ def run(request: pytest.FixtureRequest) -> Callable[..., Any]:
         return run_on(request.param, scenario, timeout)
 
     return runner
+
+
+@contextlib.asynccontextmanager
+async def agent_running(config: Any) -> AsyncIterator[Any]:
+    """An agent started in this process, stopped (leaving) at the end."""
+    from meshd.agent import Agent
+
+    agent = Agent(config)
+    await agent.start()
+    try:
+        yield agent
+    finally:
+        await agent.stop(leave=True)

@@ -11,7 +11,6 @@ import collections
 import contextlib
 import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import dns.asyncquery
 import dns.message
 import dns.rdatatype
 import pytest
-from conftest import async_wait_for, loopback_agent_argv
+from conftest import agent_running, async_wait_for, loopback_agent_argv
 
 from meshd.agent import Agent, StartError
 from meshd.config import DEFAULT_DNS, load_config
@@ -57,15 +56,8 @@ def free_port() -> int:
 DNS_FLAGS = ("--dns", f"{HOST}:0", "--dns-upstream", "127.0.0.1:9")
 
 
-@contextlib.asynccontextmanager
-async def running(tmp: Path) -> AsyncIterator[Agent]:
-    config = agent_config(tmp, *DNS_FLAGS)
-    agent = Agent(config)
-    await agent.start()
-    try:
-        yield agent
-    finally:
-        await agent.stop(leave=True)
+def running(tmp: Path) -> contextlib.AbstractAsyncContextManager[Agent]:
+    return agent_running(agent_config(tmp, *DNS_FLAGS))
 
 
 def web(service_port: int, replicas: int = 3, **extra: Any) -> ServiceSpec:
@@ -222,9 +214,5 @@ async def test_a_taken_dns_address_fails_the_start_only_when_chosen(tmp_path: Pa
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
         with contextlib.suppress(OSError):  # taken by something else: the same case
             holder.bind(DEFAULT_DNS)
-        agent = Agent(agent_config(tmp_path))
-        await agent.start()
-        try:
+        async with agent_running(agent_config(tmp_path)) as agent:
             assert agent.traffic is not None and agent.traffic.dns is None
-        finally:
-            await agent.stop(leave=True)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_IMAGE, async_wait_for, loopback_agent_argv
+from conftest import TEST_IMAGE, agent_running, async_wait_for, loopback_agent_argv
 
 from meshd.agent import Agent
 from meshd.config import load_config
@@ -51,17 +50,10 @@ def port_free(port: int) -> bool:
     return True
 
 
-@contextlib.asynccontextmanager
-async def running(tmp: Path) -> AsyncIterator[Agent]:
+def running(tmp: Path) -> contextlib.AbstractAsyncContextManager[Agent]:
     dns = ("--dns", f"{HOST}:0", "--dns-upstream", "127.0.0.1:9")  # nothing leaves the host
     argv = loopback_agent_argv(tmp, host=HOST, node="dock", driver="docker", more=dns)
-    config = load_config(argv, {})
-    agent = Agent(config)
-    await agent.start()
-    try:
-        yield agent
-    finally:
-        await agent.stop(leave=True)
+    return agent_running(load_config(argv, {}))
 
 
 def service(name: str, script: str, **kw: Any) -> ServiceSpec:
